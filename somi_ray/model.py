@@ -1,0 +1,474 @@
+"""SomiModel: boundaries, Parts, Systems and tracts, with dual learning on every batch.
+
+Data flow: tokens -> embedding E -> Systems (routes of Parts joined by low-rank tracts; Part 0
+is shared) -> softmax mix of Systems -> norm -> decoder D -> logits. Backprop trains E, D, the
+tracts, the System weights and the per-feature gains; W, mass and precision are buffers that
+only the local rules change, after the batch's outputs exist.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from somi_ray.config import SomiConfig
+from somi_ray.physics.field import field_decay, previous_field, temporal_field
+from somi_ray.physics.laplacian import project_constraints, random_graph
+from somi_ray.physics.settle import SettleOperator, settle
+from somi_ray.physics.stress import (
+    connectivity_step,
+    mass_step,
+    precision_step,
+    relative_error,
+    stress_tensor,
+)
+
+
+def fixed_width_norm(x: torch.Tensor, width: float, eps: float = 1e-6) -> torch.Tensor:
+    """Scale each vector to squared norm `width`.
+
+    The width is fixed when the model is created, so features added later with value zero
+    change neither the norm nor any other feature: growth keeps the logits.
+    """
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) / width + eps)
+
+
+class Part(nn.Module):
+    """One Part: a feature graph W whose field settles under the drive of its input."""
+
+    def __init__(self, config: SomiConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        H = config.hidden_size
+        W, mask = random_graph(H, config.sparsity, generator)
+        self.register_buffer("W", W)  # (H, H) non-negative, symmetric, zero diagonal
+        self.register_buffer("mask", mask)  # (H, H) bool, edges local learning may use
+        # Log-uniform masses give the temporal field memories from 0.25 to 4 times tau.
+        log_mass = (torch.rand(H, generator=generator) * 2.0 - 1.0) * math.log(4.0)
+        self.register_buffer("mass", torch.exp(log_mass))  # (H,)
+        self.register_buffer("precision", torch.ones(H))  # (H,)
+        self.register_buffer("n_modes", torch.tensor(config.n_modes))  # K of this Part's eigen cache
+        self.register_buffer("stress_ema", torch.tensor(float("nan")))  # running JEPA error
+        self.register_buffer("local_steps", torch.tensor(0))
+
+        self.output_gain = nn.Parameter(torch.full((H,), 0.5))  # g in y = x + g (phi - x)
+        self.drive_gain = nn.Parameter(torch.ones(H))  # gain after the drive's norm
+        self.context_gain = nn.Parameter(torch.ones(H))  # weight of the field r_{t-1} in the drive
+        self.config = config
+        self._operators: tuple[SettleOperator, SettleOperator] | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.W.shape[0]
+
+    def invalidate(self) -> None:
+        """Drop the eigen caches; they are rebuilt on next use."""
+        self._operators = None
+
+    def operators(self) -> tuple[SettleOperator, SettleOperator]:
+        """Free and nudged settling operators, built from W, mass and precision on demand."""
+        if self._operators is None:
+            c = self.config
+            common = dict(
+                alpha1=c.alpha1, lambda_e=c.lambda_e, alpha0=c.alpha0, kappa0=c.kappa0,
+                degree_floor=c.degree_floor, n_modes=int(self.n_modes), damping=c.damping,
+                settle_time=c.settle_time, correction_dt=c.correction_dt, n_corrections=c.n_corrections,
+            )
+            free = SettleOperator.build(self.W, self.mass, self.precision, **common)
+            nudged = SettleOperator.build(self.W, self.mass, self.precision, nudge=c.nudge, **common)
+            self._operators = (free, nudged)
+        return self._operators
+
+    def drive(self, x: torch.Tensor) -> torch.Tensor:
+        """s_t from x_t and the field r_{t-1} of earlier positions; (B, T, H) -> (B, T, H)."""
+        decay = field_decay(self.mass, self.config.field_tau)
+        r = temporal_field(x, decay)  # (B, T, H)
+        mixed = x + self.context_gain * previous_field(r)
+        return fixed_width_norm(mixed, self.config.norm_width) * self.drive_gain
+
+    def forward(self, x: torch.Tensor, noise_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (y, phi, s), each (B, T, H)."""
+        s = self.drive(x)
+        free, _ = self.operators()
+        phi = settle(free, s, noise_std=noise_std).phi
+        y = x + self.output_gain * (phi - x)
+        return y, phi, s
+
+
+class Tract(nn.Module):
+    """White-matter tract between consecutive Parts: y + (y V) U^T, trained by backprop."""
+
+    def __init__(self, hidden_size: int, rank: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(hidden_size, rank, generator=generator) / math.sqrt(hidden_size))
+        self.up = nn.Parameter(torch.zeros(hidden_size, rank))  # zero: a new tract changes nothing
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + (y @ self.down) @ self.up.T
+
+    def matrix(self) -> torch.Tensor:
+        """The tract as an (H, H) map acting on row vectors."""
+        H = self.down.shape[0]
+        return torch.eye(H, dtype=self.down.dtype, device=self.down.device) + self.down @ self.up.T
+
+
+@dataclass
+class PartVisit:
+    """One application of a Part inside a System's route, kept for local learning."""
+
+    part: int
+    system: int
+    position: int  # index in the route
+    drive: torch.Tensor  # (B, T, H)
+    phi: torch.Tensor  # (B, T, H) free settled field
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # (B, T, V)
+    visits: list[PartVisit] = field(default_factory=list)
+
+
+@dataclass
+class LearnStats:
+    """What one learning step measured; logits are those computed before any update."""
+
+    loss: float  # mean next-token cross-entropy, nats per token
+    jepa_error: float  # mean relative JEPA prediction error over Parts
+    stress_per_sequence: torch.Tensor  # (B,) relative JEPA error per sequence
+    stress_per_part: dict[int, float]
+    local_parts: list[int]  # Parts that took a local step
+    logits: torch.Tensor | None = None  # (B, T, V), detached
+
+
+class SomiModel(nn.Module):
+    """The SOMI language model."""
+
+    def __init__(self, config: SomiConfig, seed: int = 0):
+        super().__init__()
+        config.validate()
+        self.config = config
+        generator = torch.Generator().manual_seed(seed)
+        V, H = config.vocab_size, config.hidden_size
+
+        self.embedding = nn.Embedding(V, H)
+        with torch.no_grad():
+            self.embedding.weight.copy_(torch.randn(V, H, generator=generator))
+        self.register_buffer("target_embedding", self.embedding.weight.detach().clone())  # JEPA target encoder
+        self.parts = nn.ModuleList([Part(config, generator) for _ in range(config.n_parts)])
+        self.tracts = nn.ModuleDict()
+        for system, route in enumerate(config.routes):
+            for position in range(1, len(route)):
+                self.tracts[tract_key(system, position)] = Tract(H, config.tract_rank, generator)
+        self.system_logits = nn.Parameter(torch.zeros(len(config.routes)))
+        self.final_gain = nn.Parameter(torch.ones(H))
+        self.decoder = nn.Linear(H, V)
+        with torch.no_grad():
+            self.decoder.weight.copy_(torch.randn(V, H, generator=generator) * 0.02)
+            self.decoder.bias.zero_()
+
+        # Running sums for the correlation between per-sequence stress and loss.
+        self.register_buffer("stress_loss_moments", torch.zeros(6, dtype=torch.float64))
+        self.register_buffer("learn_steps", torch.tensor(0))
+
+    # ----------------------------------------------------------------- forward pass
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T)."""
+        return self.run(ids).logits
+
+    def run(self, ids: torch.Tensor, noise_std: float = 0.0) -> ForwardOutput:
+        """Forward pass that also returns every Part visit's drive and settled field."""
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must have shape (batch, positions), got {tuple(ids.shape)}")
+        V = self.config.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise ValueError(f"token ids must be in [0, {V}), got range [{int(ids.min())}, {int(ids.max())}]")
+        x = self.embedding(ids)  # (B, T, H)
+        visits: list[PartVisit] = []
+
+        shared_y, shared_phi, shared_s = self.parts[0](x, noise_std)
+        outputs = []
+        for system, route in enumerate(self.config.routes):
+            if system == 0:
+                visits.append(PartVisit(0, 0, 0, shared_s, shared_phi))
+            y = shared_y
+            for position in range(1, len(route)):
+                y = self.tracts[tract_key(system, position)](y)
+                y, phi, s = self.parts[route[position]](y, noise_std)
+                visits.append(PartVisit(route[position], system, position, s, phi))
+            outputs.append(y)
+
+        weights = torch.softmax(self.system_logits, dim=0)  # (S,)
+        mixed = sum(w * y for w, y in zip(weights, outputs))  # (B, T, H)
+        hidden = fixed_width_norm(mixed, self.config.norm_width) * self.final_gain
+        return ForwardOutput(logits=self.decoder(hidden), visits=visits)
+
+    def jepa_targets(self, next_ids: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+        """Target of every (system, position): the target encoder's row of the next token,
+        normalised and carried through the same tracts as the activations."""
+        width = self.config.norm_width
+        base = fixed_width_norm(self.target_embedding[next_ids], width)  # (B, T, H)
+        targets = {(0, 0): base}
+        for system, route in enumerate(self.config.routes):
+            z = base
+            for position in range(1, len(route)):
+                z = fixed_width_norm(self.tracts[tract_key(system, position)](z), width)
+                targets[(system, position)] = z
+        return targets
+
+    # ----------------------------------------------------------------- stress
+
+    @torch.no_grad()
+    def measure_stress(self, ids: torch.Tensor) -> dict:
+        """Stress of a batch (B, T+1): per token (B, T), per sequence (B,) and per Part."""
+        inputs, next_ids = ids[:, :-1], ids[:, 1:]
+        out = self.run(inputs)
+        return self._stress(out, next_ids)
+
+    def _stress(self, out: ForwardOutput, next_ids: torch.Tensor) -> dict:
+        targets = self.jepa_targets(next_ids)
+        per_token = []
+        per_part: dict[int, list[torch.Tensor]] = {}
+        for visit in out.visits:
+            err = relative_error(visit.phi.detach(), targets[(visit.system, visit.position)].detach())
+            per_token.append(err)
+            per_part.setdefault(visit.part, []).append(err.mean())
+        token = torch.stack(per_token).mean(0)  # (B, T)
+        return {
+            "per_token": token,
+            "per_sequence": token.mean(1),
+            "per_part": {p: float(torch.stack(v).mean()) for p, v in per_part.items()},
+            "targets": targets,
+        }
+
+    def stress_loss_correlation(self) -> float:
+        """Pearson correlation of per-sequence stress and loss over recent learning steps."""
+        n, sx, sy, sxx, syy, sxy = self.stress_loss_moments.tolist()
+        if n < 3:
+            return float("nan")
+        cov = sxy / n - (sx / n) * (sy / n)
+        vx = sxx / n - (sx / n) ** 2
+        vy = syy / n - (sy / n) ** 2
+        if vx <= 1e-18 or vy <= 1e-18:
+            return float("nan")
+        return cov / math.sqrt(vx * vy)
+
+    # ----------------------------------------------------------------- dual learning
+
+    def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        """AdamW over the macro parameters; W, mass and precision are buffers and not included."""
+        return torch.optim.AdamW(
+            self.parameters(), lr=lr or self.config.lr, weight_decay=self.config.weight_decay, betas=(0.9, 0.98)
+        )
+
+    def learn_step(
+        self,
+        batch: torch.Tensor,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        local: bool = True,
+        return_logits: bool = False,
+        extra_loss=None,
+    ) -> LearnStats:
+        """One dual-learning step on token windows (B, T+1).
+
+        Order: forward and loss with the current state; backprop step on the macro
+        parameters (skipped when optimizer is None); then local steps on W, mass and
+        precision from the stored free fields; then the target encoder's EMA. The logits
+        returned are those of the forward pass, before any update, so position t never
+        depends on tokens after t. `extra_loss(logits, inputs)` may add a term (distillation).
+        """
+        if batch.dim() != 2 or batch.shape[1] < 2:
+            raise ValueError(f"a learning batch must have shape (batch, positions + 1), got {tuple(batch.shape)}")
+        inputs, next_ids = batch[:, :-1], batch[:, 1:]
+        was_training = self.training
+        self.train()
+
+        out = self.run(inputs, noise_std=self.config.noise_std)
+        stress = self._stress(out, next_ids)
+        ce = F.cross_entropy(out.logits.flatten(0, 1), next_ids.flatten(), reduction="none").view_as(next_ids)
+
+        # Selective update: tokens that surprise the model weigh more in the macro loss.
+        token_stress = stress["per_token"]
+        gate = (token_stress / token_stress.mean().clamp_min(1e-8)).clamp(0.5, 2.0)
+        loss = (gate * ce).sum() / gate.sum()
+        targets = stress["targets"]
+        jepa = torch.stack([
+            relative_error(v.phi, targets[(v.system, v.position)].detach()).mean() for v in out.visits
+        ]).mean()
+        total = loss + self.config.jepa_weight * jepa
+        if extra_loss is not None:
+            total = total + extra_loss(out.logits, inputs)
+
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self._scale_grads_by_mass()
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
+            optimizer.step()
+
+        with torch.no_grad():
+            local_parts = self._local_step(out, stress, gate) if local else []
+            tau = self.config.target_ema
+            self.target_embedding.mul_(tau).add_((1.0 - tau) * self.embedding.weight)
+            seq_loss = ce.detach().mean(1).double()
+            seq_stress = stress["per_sequence"].double()
+            decay = self.config.stress_ema
+            moments = torch.stack([
+                torch.tensor(float(len(seq_loss)), dtype=torch.float64), seq_stress.sum(), seq_loss.sum(),
+                (seq_stress ** 2).sum(), (seq_loss ** 2).sum(), (seq_stress * seq_loss).sum(),
+            ]).to(self.stress_loss_moments.device)
+            self.stress_loss_moments.mul_(decay).add_(moments)
+            self.learn_steps += 1
+
+        if not was_training:
+            self.eval()
+        return LearnStats(
+            loss=float(ce.detach().mean()),
+            jepa_error=float(jepa.detach()),
+            stress_per_sequence=stress["per_sequence"].cpu(),
+            stress_per_part=stress["per_part"],
+            local_parts=local_parts,
+            logits=out.logits.detach() if return_logits else None,
+        )
+
+    def _scale_grads_by_mass(self) -> None:
+        """Mass-guided rates: each feature's gradient is scaled by mean mass / its mass."""
+        for part in self.parts:
+            scale = part.mass.mean() / part.mass
+            for param in (part.output_gain, part.drive_gain, part.context_gain):
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        shared_scale = self.parts[0].mass.mean() / self.parts[0].mass
+        if self.embedding.weight.grad is not None:
+            self.embedding.weight.grad.mul_(shared_scale)
+
+    def _local_step(self, out: ForwardOutput, stress: dict, gate: torch.Tensor) -> list[int]:
+        """Equilibrium-propagation steps on W, precision and mass of every stressed Part."""
+        c = self.config
+        targets = stress["targets"]
+        weights = (gate / gate.sum()).flatten()  # (N,)
+        visits_by_part: dict[int, list[PartVisit]] = {}
+        for visit in out.visits:
+            visits_by_part.setdefault(visit.part, []).append(visit)
+
+        stepped = []
+        for index, visits in visits_by_part.items():
+            part = self.parts[index]
+            part_stress = stress["per_part"][index]
+            ema = float(part.stress_ema)
+            if math.isnan(ema):
+                part.stress_ema.fill_(part_stress)
+            else:
+                part.stress_ema.fill_(c.stress_ema * ema + (1 - c.stress_ema) * part_stress)
+            if not math.isnan(ema) and part_stress < c.local_gate * ema:
+                continue  # calm Parts keep their connectivity
+
+            _, nudged_op = part.operators()
+            S = torch.zeros_like(part.W)
+            precision_grad_free = []
+            for visit in visits:
+                H = part.hidden_size
+                s = visit.drive.detach().reshape(-1, H)
+                phi_f = visit.phi.detach().reshape(-1, H)
+                z = targets[(visit.system, visit.position)].detach().reshape(-1, H)
+                phi_n = settle(nudged_op, s, z).phi
+                w = weights / len(visits)
+                S += stress_tensor(phi_f, phi_n, s, w * len(visits), alpha1=c.alpha1, lambda_e=c.lambda_e,
+                                   nudge=c.nudge) / len(visits)
+                precision_grad_free.append((phi_f, phi_n, s, z, w * len(visits)))
+
+            W = connectivity_step(part.W, part.mask, S, part.mass, lr=c.local_lr, decay=c.local_decay,
+                                  degree_floor=c.degree_floor)
+            part.W.copy_(project_constraints(W, part.mask, c.degree_floor, c.degree_ceiling))
+            for phi_f, phi_n, s, z, w in precision_grad_free:
+                part.precision.copy_(precision_step(
+                    part.precision, phi_f, phi_n, s, w, kappa0=c.kappa0, nudge=c.nudge,
+                    lr=c.precision_lr / len(visits), low=c.precision_min, high=c.precision_max,
+                ))
+                part.mass.copy_(mass_step(part.mass, phi_f, z, w, lr=c.mass_lr / len(visits),
+                                          low=c.mass_min, high=c.mass_max))
+            part.local_steps += 1
+            if int(part.local_steps) % c.eigen_refresh_interval == 0:
+                part.n_modes.fill_(c.n_modes)
+                part.invalidate()
+            stepped.append(index)
+        return stepped
+
+    # ----------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        context: int = 512,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample continuations of ids (B, T); returns (new ids (B, N), their log-probs (B, N))."""
+        was_training = self.training
+        self.eval()
+        sequence = ids
+        new_tokens, new_logprobs = [], []
+        for _ in range(max_new_tokens):
+            logits = self(sequence[:, -context:])[:, -1].float()  # (B, V)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            if temperature <= 0:
+                token = logprobs.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                if top_p < 1.0:
+                    sorted_probs, order = probs.sort(dim=-1, descending=True)
+                    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+                    sorted_probs = sorted_probs * keep
+                    probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+                token = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+            new_tokens.append(token)
+            new_logprobs.append(logprobs.gather(-1, token[:, None]).squeeze(-1))
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+        if was_training:
+            self.train()
+        if not new_tokens:
+            empty = ids.new_zeros(ids.shape[0], 0)
+            return empty, empty.float()
+        return torch.stack(new_tokens, 1), torch.stack(new_logprobs, 1)
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def parameter_count(self) -> int:
+        """Trainable parameters plus the connectivity edges local learning may use."""
+        macro = sum(p.numel() for p in self.parameters())
+        edges = sum(int(part.mask.sum()) // 2 + 2 * part.hidden_size for part in self.parts)
+        return macro + edges
+
+    def invalidate_caches(self) -> None:
+        for part in self.parts:
+            part.invalidate()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.invalidate_caches()
+        return result
+
+    def _apply(self, fn, recurse=True):
+        # Moving the model (to a device or dtype) must drop caches built on the old tensors.
+        result = super()._apply(fn, recurse)
+        for part in self.parts:
+            part.invalidate()
+        return result
+
+
+def tract_key(system: int, position: int) -> str:
+    """ModuleDict key of the tract entering route position `position` of System `system`."""
+    return f"s{system}_p{position}"
