@@ -39,6 +39,7 @@ class Basis:
     method: str  # "pca-gram" for the first teacher, "procrustes" for later ones
     residual: float  # relative Procrustes residual on shared tokens (0.0 for "pca-gram")
     energy_kept: float  # share of the embedding's energy inside the H kept directions
+    scale: float = 1.0  # s in ||s E_t Q - E_s||; multiply E_t Q by it to match SOMI's embedding norm
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Band:
     mass: np.ndarray  # (H,) float32, positive, mean 1, from norm gains through the basis
     energy_kept: float  # ||Q^T C Q||^2 / ||C||^2 of the band's operator, in [0, 1]
     spectrum: dict[str, float] = field(default_factory=dict)  # lowest eigenvalues, gap, rank
+    energy_delivered: float = 0.0  # ||coupling||^2 / ||C||^2 before the final rescale: what reaches SOMI
+    scale: float = 1.0  # mean degree divided out of `coupling`, in the teacher operator's units
 
 
 @dataclass
