@@ -20,11 +20,11 @@ from somi_ray.physics.field import field_decay, previous_field, temporal_field
 from somi_ray.physics.laplacian import project_constraints, random_graph
 from somi_ray.physics.settle import SettleOperator, settle
 from somi_ray.physics.stress import (
+    connectivity_gradient,
     connectivity_step,
     mass_step,
     precision_step,
     relative_error,
-    stress_tensor,
 )
 
 
@@ -372,30 +372,32 @@ class SomiModel(nn.Module):
             if not math.isnan(ema) and part_stress < c.local_gate * ema:
                 continue  # calm Parts keep their connectivity
 
-            _, nudged_op = part.operators()
-            S = torch.zeros_like(part.W)
-            precision_grad_free = []
+            free_op, nudged_op = part.operators()
+            H = part.hidden_size
+            sqrt_mass = 1.0 / free_op.inv_sqrt_mass
+            grad_w = torch.zeros_like(part.W)
+            grad_diag = torch.zeros_like(part.precision)
+            errors = torch.zeros_like(part.precision)
+            share = 1.0 / len(visits)
             for visit in visits:
-                H = part.hidden_size
-                s = visit.drive.detach().reshape(-1, H)
+                s = visit.drive.detach().reshape(-1, H)  # (N, H)
                 phi_f = visit.phi.detach().reshape(-1, H)
                 z = targets[(visit.system, visit.position)].detach().reshape(-1, H)
                 phi_n = settle(nudged_op, s, z).phi
-                w = weights / len(visits)
-                S += stress_tensor(phi_f, phi_n, s, w * len(visits), alpha1=c.alpha1, lambda_e=c.lambda_e,
-                                   nudge=c.nudge) / len(visits)
-                precision_grad_free.append((phi_f, phi_n, s, z, w * len(visits)))
+                common = dict(alpha1=c.alpha1, lambda_e=c.lambda_e, degree_floor=c.degree_floor)
+                g_n, d_n = connectivity_gradient(part.W, free_op, phi_n * sqrt_mass, s, weights, **common)
+                g_f, d_f = connectivity_gradient(part.W, free_op, phi_f * sqrt_mass, s, weights, **common)
+                # Equilibrium propagation: dLoss/dtheta ~ (dE/dtheta|nudged - dE/dtheta|free) / kappa_n.
+                grad_w += share * (g_n - g_f) / c.nudge
+                grad_diag += share * (d_n - d_f) / c.nudge
+                errors += share * (weights[:, None] * (phi_f - z) ** 2).sum(0)
 
-            W = connectivity_step(part.W, part.mask, S, part.mass, lr=c.local_lr, decay=c.local_decay,
+            W = connectivity_step(part.W, part.mask, grad_w, part.mass, lr=c.local_lr, decay=c.local_decay,
                                   degree_floor=c.degree_floor)
             part.W.copy_(project_constraints(W, part.mask, c.degree_floor, c.degree_ceiling))
-            for phi_f, phi_n, s, z, w in precision_grad_free:
-                part.precision.copy_(precision_step(
-                    part.precision, phi_f, phi_n, s, w, kappa0=c.kappa0, nudge=c.nudge,
-                    lr=c.precision_lr / len(visits), low=c.precision_min, high=c.precision_max,
-                ))
-                part.mass.copy_(mass_step(part.mass, phi_f, z, w, lr=c.mass_lr / len(visits),
-                                          low=c.mass_min, high=c.mass_max))
+            part.precision.copy_(precision_step(part.precision, c.kappa0 * grad_diag, lr=c.precision_lr,
+                                                low=c.precision_min, high=c.precision_max))
+            part.mass.copy_(mass_step(part.mass, errors, lr=c.mass_lr, low=c.mass_min, high=c.mass_max))
             part.local_steps += 1
             if int(part.local_steps) % c.eigen_refresh_interval == 0:
                 part.n_modes.fill_(c.n_modes)

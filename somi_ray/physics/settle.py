@@ -33,6 +33,8 @@ class SettleOperator:
 
     modes: torch.Tensor  # (H, K) orthonormal eigenvectors of Ã, lowest eigenvalues first
     eigenvalues: torch.Tensor  # (K,)
+    all_modes: torch.Tensor  # (H, H) every eigenvector, for learning rules and diagnostics
+    all_eigenvalues: torch.Tensor  # (H,) ascending
     complement_eigenvalue: float  # mean of the H - K remaining eigenvalues
     inv_sqrt_mass: torch.Tensor  # (H,)
     laplacian: torch.Tensor  # (H, H), used once per settle to form the drive
@@ -79,6 +81,8 @@ class SettleOperator:
         return cls(
             modes=vectors[:, :K].to(dtype).contiguous(),
             eigenvalues=kept.to(dtype),
+            all_modes=vectors.to(dtype),
+            all_eigenvalues=eigenvalues.to(dtype),
             complement_eigenvalue=complement,
             inv_sqrt_mass=inv_sqrt_mass.to(dtype),
             laplacian=L.to(dtype),

@@ -44,65 +44,117 @@ def stress_tensor(
 def connectivity_step(
     W: torch.Tensor,
     mask: torch.Tensor,
-    stress: torch.Tensor,
+    grad: torch.Tensor,
     mass: torch.Tensor,
     *,
     lr: float,
     decay: float,
     degree_floor: float,
 ) -> torch.Tensor:
-    """Return W + lr * S / sqrt(d_i d_j) / sqrt(m_i m_j) on the mask, minus weight decay.
+    """Return W after one descent step along the equilibrium-propagation gradient, on the mask.
 
-    The 1/sqrt(d_i d_j) factor is the chain rule through D^-1/2 W D^-1/2 (degree changes are
-    neglected); 1/sqrt(m_i m_j) is the mass-guided rate, so heavy features change slowly.
-    The caller projects the result back onto W's constraints.
+    The step is normalised so that its root-mean-square over the mask is lr times the mean
+    edge weight: the rate means the same at any scale of the fields. Each edge (i, j) is
+    then scaled by sqrt(mean mass^2 / (m_i m_j)), so heavy features change slowly. The
+    caller projects the result back onto W's constraints.
     """
-    inv_sqrt_degree = W.sum(dim=1).clamp_min(degree_floor).rsqrt()
-    inv_sqrt_mass = mass.rsqrt()
-    scale = (inv_sqrt_degree * inv_sqrt_mass)[:, None] * (inv_sqrt_degree * inv_sqrt_mass)[None, :]
-    return W + lr * stress * scale * mask - decay * W
+    masked = grad * mask
+    edges = mask.sum().clamp_min(1)
+    grad_rms = (masked.pow(2).sum() / edges).sqrt()
+    mean_edge = (W * mask).sum() / edges
+    step_scale = lr * mean_edge.clamp_min(degree_floor / max(W.shape[0], 1)) / grad_rms.clamp_min(1e-12)
+    inv_sqrt_mass = (mass.mean() / mass).sqrt()
+    mass_scale = inv_sqrt_mass[:, None] * inv_sqrt_mass[None, :]
+    return W - step_scale * masked * mass_scale - decay * W
 
 
 def precision_step(
-    precision: torch.Tensor,
-    phi_free: torch.Tensor,
-    phi_nudged: torch.Tensor,
-    drive: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    kappa0: float,
-    nudge: float,
-    lr: float,
-    low: float,
-    high: float,
+    precision: torch.Tensor, grad: torch.Tensor, *, lr: float, low: float, high: float
 ) -> torch.Tensor:
-    """Equilibrium-propagation step on the precision: dE/dPi_i = kappa0/2 (phi_i - s_i)^2."""
-    w = weights[:, None]
-    nudged = (w * (phi_nudged - drive) ** 2).sum(0)
-    free = (w * (phi_free - drive) ** 2).sum(0)
-    grad = 0.5 * kappa0 * (nudged - free) / nudge  # (H,)
-    return (precision - lr * grad).clamp(low, high)
+    """Descent step on the precision along its equilibrium-propagation gradient.
+
+    Like the connectivity step, it moves the precision by lr times its mean per step in
+    root-mean-square terms, then clamps it to [low, high].
+    """
+    grad_rms = grad.pow(2).mean().sqrt().clamp_min(1e-12)
+    return (precision - lr * precision.mean() * grad / grad_rms).clamp(low, high)
 
 
-def mass_step(
-    mass: torch.Tensor,
-    phi_free: torch.Tensor,
-    target: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    lr: float,
-    low: float,
-    high: float,
-) -> torch.Tensor:
+def mass_step(mass: torch.Tensor, errors: torch.Tensor, *, lr: float, low: float, high: float) -> torch.Tensor:
     """Make features that predict their target well heavier, and badly predicting ones lighter.
 
-    Heavy features settle slowly and remember longer, so knowledge that keeps predicting
-    well becomes stable. The rule moves log-mass by lr * tanh(log(mean error / error_i)),
-    then rescales to keep the mean mass unchanged.
+    errors is the weighted mean squared JEPA error per feature (H,). Heavy features settle
+    slowly and remember longer, so knowledge that keeps predicting well becomes stable.
+    log-mass moves by lr * tanh(log(mean error / error_i)); the mean mass is kept.
     """
-    w = weights[:, None]
-    error = (w * (phi_free - target) ** 2).sum(0) + 1e-8  # (H,)
-    log_ratio = torch.log(error.mean() / error)
+    errors = errors + 1e-8
+    log_ratio = torch.log(errors.mean() / errors)
     new_mass = mass * torch.exp(lr * torch.tanh(log_ratio))
     new_mass = new_mass * (mass.mean() / new_mass.mean())
     return new_mass.clamp(low, high)
+
+
+def operator_energy_gradient(op, psi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """d/dÃ of the weighted sum of 1/2 psi^T Â psi, as an (H, H) matrix in psi coordinates.
+
+    Â = lambda_bar I + sum_k (lambda_k - lambda_bar) u_k u_k^T keeps the K lowest modes of Ã
+    and gives the rest their mean eigenvalue. First-order perturbation of that operator:
+    pairs of kept modes respond as the exact operator would (1/2 c_j c_k); the complement
+    only feels the trace, spread evenly over its diagonal; a kept mode k and a complement
+    mode j couple with the factor (lambda_k - lambda_bar) / (lambda_k - lambda_j). Learning
+    rules built on this match what the settle actually computes.
+    """
+    U = op.all_modes  # (H, H)
+    lam = op.all_eigenvalues  # (H,)
+    H = U.shape[0]
+    K = op.modes.shape[1]
+    lam_bar = op.complement_eigenvalue
+
+    c = psi @ U  # (N, H) mode coordinates
+    moments = c.T @ (weights[:, None] * c)  # (H, H)
+    g = torch.zeros_like(moments)
+    g[:K, :K] = 0.5 * moments[:K, :K]
+    perp = torch.diagonal(moments)[K:].sum()
+    idx = torch.arange(K, H, device=psi.device)
+    g[idx, idx] = 0.5 * perp / (H - K)
+    gap = lam[:K][None, :] - lam[K:][:, None]  # (H-K, K), lambda_k - lambda_j
+    safe_gap = torch.where(gap.abs() > 1e-9, gap, torch.full_like(gap, -1e-9))
+    factor = (lam[:K][None, :] - lam_bar) / safe_gap
+    cross = 0.5 * factor * moments[K:, :K]
+    g[K:, :K] = cross
+    g[:K, K:] = cross.T
+    return U @ g @ U.T
+
+
+def connectivity_gradient(
+    W: torch.Tensor,
+    op,
+    psi: torch.Tensor,
+    drive: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    alpha1: float,
+    lambda_e: float,
+    degree_floor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dE/dW and dE/dA_diag of the settle's energy at fixed states, summed over weighted positions.
+
+    E depends on W through Ã = M^-1/2 ((alpha1 + lambda_E) L + diag) M^-1/2 and through the
+    drive term -lambda_E phi^T L s. Returns (grad_W (H, H), grad_A_diag (H,)), where the
+    second is the derivative with respect to the diagonal of A (used for the precision).
+    """
+    from somi_ray.physics.laplacian import normalized_laplacian
+
+    inv_sqrt_mass = op.inv_sqrt_mass
+    g_tilde = operator_energy_gradient(op, psi, weights)
+    g_a = inv_sqrt_mass[:, None] * g_tilde * inv_sqrt_mass[None, :]  # dE/dA
+    phi = psi * inv_sqrt_mass
+    cross = phi.T @ (weights[:, None] * drive)  # (H, H), sum_t w phi s^T
+    g_l = (alpha1 + lambda_e) * g_a - lambda_e * 0.5 * (cross + cross.T)
+
+    with torch.enable_grad():
+        W_var = W.detach().clone().requires_grad_(True)
+        L = normalized_laplacian(W_var, degree_floor)
+        (grad_w,) = torch.autograd.grad((g_l.detach() * L).sum(), W_var)
+    diag_a = torch.diagonal(g_a) - (weights[:, None] * phi * drive).sum(0)
+    return 0.5 * (grad_w + grad_w.T), diag_a
