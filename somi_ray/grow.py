@@ -79,13 +79,29 @@ def grow_hidden(model: SomiModel, new_hidden: int, generator: torch.Generator | 
     logger.info("grew hidden size %d -> %d (%d features added)", H, new_hidden, added)
 
 
+# Cascade constants that the forward pass of existing features reads. A structural change
+# keeps them, because re-deriving them from the new H would change the logits: field_tau,
+# for one, grows with log2(H) and sets the temporal memory of every feature.
+FORWARD_CONSTANTS = (
+    "alpha1", "lambda_e", "alpha0", "kappa0", "damping", "settle_time", "correction_dt", "field_tau",
+)
+
+
 def _recalibrate_keeping_modes(model: SomiModel) -> None:
-    """Recompute the cascade; each Part keeps its mode count K until its next local step.
+    """Recompute the cascade but keep the forward constants; each Part keeps its mode count K
+    until its next local step.
 
     Changing K changes which modes are settled exactly, and with it the function, so the
-    new K takes effect when local learning next refreshes the Part's eigen cache.
+    new K takes effect when local learning next refreshes the Part's eigen cache. The
+    learning constants (rates, EMAs, sparsity of new edges, tract rank, intervals) follow
+    the new size at once.
     """
-    model.config.recalibrate()
+    config = model.config
+    kept = {name: getattr(config, name) for name in FORWARD_CONSTANTS}
+    config.recalibrate()
+    for name, value in kept.items():
+        setattr(config, name, value)
+    config.validate()
     for part in model.parts:
         part.n_modes.fill_(min(int(part.n_modes), model.config.hidden_size - 1))
         part.invalidate()
