@@ -265,3 +265,13 @@ def test_build_package_first_then_second_teacher():
         assert 0 <= band.energy_delivered <= band.energy_kept <= 1
         assert band.mass.mean() == pytest.approx(1.0, rel=1e-5)
         assert {"gap", "effective_rank", "lambda_0"} <= set(band.spectrum)
+
+
+def test_scheme_detected_from_replace_decoder():
+    from tokenizers import Tokenizer, decoders, models
+
+    from somi_ray.teachers.vocab import tokenizer_scheme
+
+    tokenizer = Tokenizer(models.BPE(vocab={"▁hi": 0, "hi": 1}, merges=[]))
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    assert tokenizer_scheme(tokenizer) == "sentencepiece"

@@ -47,8 +47,10 @@ def assert_rejected(path: str, file_part: str, field_part: str, watch: str, **op
     error = caught.value
     assert file_part in error.file, str(error)
     assert field_part in error.field, str(error)
-    assert error.file in str(error) and error.field in str(error)
-    assert "Fix:" in str(error) and error.fix
+    assert error.file in str(error)
+    assert error.field in str(error)
+    assert "Fix:" in str(error)
+    assert error.fix
     assert isinstance(error, ValueError)
     assert snapshot(watch) == before
     return error
@@ -107,7 +109,8 @@ def test_config_more_layers_than_weights(llama):
 def test_unknown_family(llama):
     rewrite_config(llama, model_type="rwkv")
     error = assert_rejected(llama, "config.json", "model_type", llama)
-    assert "rwkv" in str(error) and "qwen3" in str(error)
+    assert "rwkv" in str(error)
+    assert "qwen3" in str(error)
 
 
 def test_empty_folder(tmp_path):
@@ -153,7 +156,8 @@ def test_wrong_value_shape(llama):
         tensors["model.layers.1.self_attn.v_proj.weight"] = tensors["model.layers.1.self_attn.v_proj.weight"][:8]
     rewrite_tensors(llama, shrink)
     error = assert_rejected(llama, "model.safetensors", "model.layers.1.self_attn.v_proj.weight", llama)
-    assert "(8, 64)" in str(error) and "(32, 64)" in str(error)
+    assert "(8, 64)" in str(error)
+    assert "(32, 64)" in str(error)
 
 
 def test_config_heads_disagree_with_weights(llama):
@@ -292,4 +296,5 @@ def test_cli_against_checkpoint_without_embedding(tmp_path, capsys):
         main(["teacher", "inspect", fixtures.tiny_teachers()["gpt2"], "--against", somi])
     assert caught.value.code == 2
     err = capsys.readouterr().err
-    assert "model.safetensors" in err and "embedding.weight" in err
+    assert "model.safetensors" in err
+    assert "embedding.weight" in err

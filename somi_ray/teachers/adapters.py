@@ -2,7 +2,7 @@
 
 Each family is one `Family` record. Per-layer roles map to a tensor name template (Hugging Face
 safetensors) and to llama.cpp's GGUF name. Fused tensors are listed separately with the roles
-they split into. The reader code in `sources.py` interprets these tables and holds no name tests.
+they split into. The reader code in `sources.py` interprets these tables and contains no per-family name tests.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Fused:
-    """One stored tensor that holds several roles stacked along its output rows."""
+    """One stored tensor that contains several roles stacked along its output rows."""
 
     tensor: str  # name template relative to the layer prefix, e.g. "self_attn.qkv_proj.weight"
     roles: tuple[str, ...]  # roles in storage order, e.g. ("q", "k", "v")

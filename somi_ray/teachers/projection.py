@@ -58,7 +58,7 @@ def layer_operator(tensors: dict[str, np.ndarray], head_dim: int) -> np.ndarray:
 def project_operator(operator: np.ndarray, basis: Basis, sparsity: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Project C into SOMI's basis and make it a sparse non-negative symmetric graph.
 
-    Returns (coupling (H, H) with mean degree 1, mask (H, H) bool, numbers) where numbers holds
+    Returns (coupling (H, H) with mean degree 1, mask (H, H) bool, numbers), where numbers contains
     energy_kept = ||QᵀCQ||²/||C||², energy_delivered (after symmetrising, clipping and
     sparsifying, before the rescale) and the mean degree divided out.
     """

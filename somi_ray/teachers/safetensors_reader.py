@@ -44,7 +44,7 @@ def read_header(path: str) -> dict[str, dict]:
         start, end = entry["data_offsets"]
         expected = int(np.prod(entry["shape"], dtype=np.int64)) * _DTYPE_BYTES.get(entry["dtype"], 1)
         if end > data_bytes:
-            raise TeacherError(path, name, f"tensor data ends at byte {end} but the file holds {data_bytes}",
+            raise TeacherError(path, name, f"tensor data ends at byte {end} but the file contains only {data_bytes} data bytes",
                                "download the shard again; it is truncated")
         if end - start != expected:
             raise TeacherError(path, name, f"tensor takes {end - start} bytes, its shape {entry['shape']} "

@@ -42,7 +42,7 @@ class Dims:
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where one role of one layer lives: a plain tensor, or a slice of a fused one."""
+    """Location of one role of one layer: a plain tensor, or a slice of a fused one."""
 
     name: str  # stored tensor name
     fused: Fused | None = None

@@ -59,7 +59,7 @@ def canonical_token(token: str, scheme: str, *, special: bool = False) -> str:
 def tokenizer_scheme(tokenizer) -> str:
     """Detect how a `tokenizers.Tokenizer` spells spaces and bytes in its vocabulary."""
     spec = json.loads(tokenizer.to_str())
-    parts = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder"), spec.get("normalizer")])
+    parts = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder"), spec.get("normalizer")], ensure_ascii=False)
     if '"ByteLevel"' in parts:
         return BYTE_LEVEL
     if '"Metaspace"' in parts or "▁" in parts or (spec.get("model") or {}).get("type") == "Unigram":
