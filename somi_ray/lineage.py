@@ -261,3 +261,12 @@ def _match_tract_shapes(model, state: dict) -> None:
             stored = state.get(f"tracts.{key}.{name}")
             if stored is not None and stored.shape != getattr(tract, name).shape:
                 setattr(tract, name, torch.nn.Parameter(torch.zeros_like(stored)))
+
+
+def load_lineage(path: str | Path) -> Lineage:
+    """Read only the lineage of a checkpoint folder (no weights)."""
+    folder = _resolve_checkpoint_folder(Path(path).resolve())
+    file = folder / LINEAGE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {LINEAGE_FILE}")
+    return Lineage.from_table(pq.read_table(file))

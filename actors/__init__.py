@@ -1,0 +1,1 @@
+"""Ray actors and the Ray Serve application that run SOMI as a distributed system."""

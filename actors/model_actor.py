@@ -1,0 +1,332 @@
+"""ModelActor: the single writer of a SOMI model.
+
+It holds the model, applies every change (init, absorb, learn, rollback) and commits each
+change as a lineage event to the checkpoint folder before the call returns, so an
+acknowledged event survives a restart. The constructor reloads the latest committed
+checkpoint, which makes the actor safe to restart (`max_restarts`).
+
+The class is plain Python; `remote_model_actor` wraps it with Ray options.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from somi_ray.absorb import absorb_band, absorb_rows, check_band, check_package
+from somi_ray.config import SomiConfig
+from somi_ray.evaluate import bits_per_byte
+from somi_ray.lineage import Lineage, checkpoint_exists, load_checkpoint, save_checkpoint
+from somi_ray.model import SomiModel
+
+logger = logging.getLogger(__name__)
+
+ACTOR_NAME = "somi-model"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ModelActor:
+    """Holds one SOMI model and its checkpoint folder."""
+
+    def __init__(self, checkpoint_dir: str, device: str = "auto"):
+        self.path = Path(checkpoint_dir).resolve()
+        self.device = pick_device(device)
+        self.model: SomiModel | None = None
+        self.tokenizer_json: str | None = None
+        self.lineage = Lineage()
+        self.optimizer = None
+        self._pending_absorb: dict | None = None
+        if checkpoint_exists(self.path):
+            checkpoint = load_checkpoint(self.path, self.device)
+            self.model = checkpoint.model
+            self.tokenizer_json = checkpoint.tokenizer_json
+            self.lineage = checkpoint.lineage
+            logger.info("ModelActor loaded %s at version %d on %s", self.path, self.lineage.version, self.device)
+        else:
+            logger.info("ModelActor started without a checkpoint at %s", self.path)
+
+    # ------------------------------------------------------------------ state
+
+    def _require_model(self) -> SomiModel:
+        if self.model is None:
+            raise RuntimeError(f"no SOMI model at {self.path} yet; call initialize() first")
+        return self.model
+
+    def _commit(self, kind: str, details: dict, metrics: dict, bump_version: bool = True) -> dict:
+        """Append an event and write the checkpoint; on a failed write the lineage is unchanged."""
+        model = self._require_model()
+        lineage = self.lineage.copy()
+        event = lineage.append(kind, details, metrics, bump_version=bump_version)
+        save_checkpoint(self.path, model, self.tokenizer_json, lineage)
+        self.lineage = lineage
+        return event.row()
+
+    def info(self) -> dict:
+        """Version, sizes and history length of the model (None fields before initialize)."""
+        if self.model is None:
+            return {"initialized": False, "path": str(self.path), "version": 0, "events": 0}
+        c = self.model.config
+        return {
+            "initialized": True,
+            "path": str(self.path),
+            "device": str(self.device),
+            "version": self.lineage.version,
+            "events": len(self.lineage),
+            "hidden_size": c.hidden_size,
+            "n_parts": c.n_parts,
+            "n_systems": len(c.routes),
+            "vocab_size": c.vocab_size,
+            "parameters": self.model.parameter_count(),
+            "stress_ema": [float(p.stress_ema) for p in self.model.parts],
+            "stress_loss_correlation": self.model.stress_loss_correlation(),
+            "teachers": [e.details.get("teacher") for e in self.lineage if e.kind == "absorb"],
+        }
+
+    def initialize(self, tokenizer_json: str, hidden_size: int, n_parts: int, seed: int = 0,
+                   details: dict | None = None) -> dict:
+        """Create the model once; a second call (for example after a restart) changes nothing."""
+        if self.model is not None:
+            return self.info()
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
+        config = SomiConfig.auto(hidden_size, n_parts, vocab_size=vocab)
+        self.model = SomiModel(config, seed=seed).to(self.device)
+        self.tokenizer_json = tokenizer_json
+        self.lineage = Lineage()
+        try:
+            self._commit("init", {"hidden_size": hidden_size, "n_parts": n_parts, "seed": seed, **(details or {})},
+                         {"parameters": self.model.parameter_count()})
+        except BaseException:
+            self.model, self.tokenizer_json = None, None
+            raise
+        return self.info()
+
+    def get_tokenizer_json(self) -> str:
+        self._require_model()
+        return self.tokenizer_json
+
+    def embedding(self) -> np.ndarray:
+        """SOMI's (V, H) embedding, for Procrustes alignment of later teachers."""
+        return self._require_model().embedding.weight.detach().float().cpu().numpy()
+
+    def lineage_rows(self) -> list[dict]:
+        return [event.row() for event in self.lineage]
+
+    def snapshot(self) -> dict:
+        """A versioned copy of the weights for inference replicas."""
+        model = self._require_model()
+        return {
+            "version": self.lineage.version,
+            "config": model.config.to_dict(),
+            "tokenizer_json": self.tokenizer_json,
+            "state": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, texts: dict[str, str], max_bytes: int | None = None, context: int = 256) -> dict[str, float]:
+        """Bits per byte of the model on each named text."""
+        model = self._require_model()
+        tokenizer = _tokenizer(self.tokenizer_json)
+        model.eval()
+
+        @torch.no_grad()
+        def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+            return model(ids.to(self.device)).float().cpu()
+
+        return {name: bits_per_byte(logits_fn, tokenizer, text, context=context, max_bytes=max_bytes).bpb
+                for name, text in texts.items()}
+
+    # ------------------------------------------------------------------ absorption
+
+    def begin_absorb(self, package, strength: float, details: dict | None = None) -> dict:
+        """Start an absorption: keep a rollback copy, then blend the package's token rows.
+
+        Bands follow with absorb_band (as the TeacherActor streams them) and the
+        absorption ends with finish_absorb or abort_absorb.
+        """
+        model = self._require_model()
+        if self._pending_absorb is not None:
+            raise RuntimeError("an absorption is already in progress; finish or abort it first")
+        check_package(model, package)
+        self._pending_absorb = {
+            "state": copy.deepcopy(model.state_dict()),
+            "teacher": package.info.path,
+            "strength": float(strength),
+            "details": {
+                "teacher": package.info.path, "family": package.info.family, "strength": float(strength),
+                "coverage": float(package.vocab.coverage), "basis": package.basis.method,
+                "basis_residual": float(package.basis.residual), **(details or {}),
+            },
+            "bands": [],
+            "started": time.time(),
+        }
+        rows = absorb_rows(model, package, strength)
+        self._pending_absorb["details"]["rows"] = rows
+        return {"rows": rows}
+
+    def absorb_band(self, band, mode: str = "blend", strength: float | None = None) -> dict:
+        model = self._require_model()
+        pending = self._pending_absorb
+        if pending is None:
+            raise RuntimeError("absorb_band called without begin_absorb")
+        check_band(model, band, pending["teacher"])
+        if band.part >= len(model.parts):
+            logger.warning("band for Part %d skipped: the model has %d Parts", band.part, len(model.parts))
+            return {"part": band.part, "skipped": True}
+        a = pending["strength"] if strength is None else float(strength)
+        absorb_band(model, band, a, mode)
+        pending["bands"].append({"part": band.part, "layers": band.layers, "energy_kept": float(band.energy_kept),
+                                 "strength": a, "mode": mode})
+        return {"part": band.part, "skipped": False}
+
+    def finish_absorb(self, metrics: dict | None = None) -> dict:
+        """Check the absorbed model and commit the absorb event, or roll back on damage."""
+        model = self._require_model()
+        pending = self._pending_absorb
+        if pending is None:
+            raise RuntimeError("finish_absorb called without begin_absorb")
+        bad = non_finite_tensors(model)
+        if bad:
+            self.abort_absorb(f"non-finite values in {bad[:5]} after absorption")
+            raise ValueError(f"absorbing {pending['teacher']} produced non-finite weights; the model was rolled back")
+        details = dict(pending["details"], bands=pending["bands"], seconds=time.time() - pending["started"])
+        self._pending_absorb = None
+        self.optimizer = None
+        return self._commit("absorb", details, dict(metrics or {}, parameters=model.parameter_count()))
+
+    def abort_absorb(self, reason: str) -> dict:
+        """Restore the state from before begin_absorb and record the rollback."""
+        model = self._require_model()
+        pending = self._pending_absorb
+        if pending is None:
+            raise RuntimeError("abort_absorb called without begin_absorb")
+        model.load_state_dict(pending["state"])
+        self._pending_absorb = None
+        logger.warning("rolled back absorption of %s: %s", pending["teacher"], reason)
+        return self._commit("rollback", {"teacher": pending["teacher"], "reason": reason,
+                                         "strength": pending["strength"]}, {}, bump_version=False)
+
+    # ------------------------------------------------------------------ learning
+
+    def learn(self, sampler, steps: int, batch_size: int, details: dict | None = None) -> dict:
+        """Learn from `steps` batches served by a StressSampler handle, then commit a learn event.
+
+        After each batch the per-window stress goes back to the sampler, so its next
+        choices follow what the model finds hard.
+        """
+        import ray
+
+        model = self._require_model()
+        if self.optimizer is None:
+            self.optimizer = model.make_optimizer()
+        started = time.time()
+        losses, stresses = [], []
+        for _ in range(steps):
+            window_ids, tokens = ray.get(sampler.sample.remote(batch_size))
+            batch = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+            stats = model.learn_step(batch, self.optimizer)
+            losses.append(stats.loss)
+            stresses.append(float(stats.stress_per_sequence.mean()))
+            sampler.report.remote(window_ids, stats.stress_per_sequence.numpy())
+        model.eval()
+        tokens_seen = steps * batch_size * (int(tokens.shape[1]) - 1) if steps else 0
+        metrics = {
+            "loss": float(np.mean(losses)) if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "stress": float(np.mean(stresses)) if stresses else None,
+            "stress_loss_correlation": model.stress_loss_correlation(),
+            "tokens": tokens_seen,
+            "seconds": time.time() - started,
+        }
+        return self._commit("learn", dict(details or {}, steps=steps, batch_size=batch_size), metrics)
+
+    def learn_texts(self, texts: list[str], window: int = 64, details: dict | None = None) -> dict:
+        """Learn from raw texts (one learning step per text), then commit one learn event.
+
+        Each text is tokenised with SOMI's tokenizer and cut into windows of `window` + 1
+        tokens, and the windows of one text form one batch. When a step leaves any weight
+        non-finite, the weights before the call are restored and ValueError is raised,
+        so the version only rises for a committed, finite update.
+        """
+        model = self._require_model()
+        tokenizer = _tokenizer(self.tokenizer_json)
+        batches = []
+        for index, text in enumerate(texts):
+            ids = tokenizer.encode(text).ids
+            if len(ids) < 2:
+                raise ValueError(f"texts[{index}] has {len(ids)} tokens; learning needs at least 2")
+            span = min(window + 1, len(ids))
+            starts = range(0, len(ids) - span + 1, span)
+            rows = [ids[start:start + span] for start in starts]  # each row is span tokens long
+            if starts[-1] + span < len(ids):
+                rows.append(ids[-span:])  # the tail that the last full window missed
+            batches.append(torch.as_tensor(rows, dtype=torch.long, device=self.device))  # (B, span)
+
+        if self.optimizer is None:
+            self.optimizer = model.make_optimizer()
+        before = copy.deepcopy(model.state_dict())
+        started = time.time()
+        losses = [model.learn_step(batch, self.optimizer).loss for batch in batches]
+        model.eval()
+        bad = non_finite_tensors(model)
+        if bad:
+            model.load_state_dict(before)
+            self.optimizer = None
+            raise ValueError(f"learning from {len(texts)} texts made {bad[:5]} non-finite; the weights were restored")
+        metrics = {
+            "loss": float(np.mean(losses)),
+            "tokens": int(sum(batch.numel() for batch in batches)),
+            "seconds": time.time() - started,
+        }
+        try:
+            return self._commit("learn", dict(details or {}, texts=len(texts), window=window), metrics)
+        except BaseException:
+            model.load_state_dict(before)
+            self.optimizer = None
+            raise
+
+    def record(self, kind: str, details: dict, metrics: dict) -> dict:
+        """Commit an event that changes no weights (for example evaluation results)."""
+        return self._commit(kind, details, metrics, bump_version=False)
+
+
+def non_finite_tensors(model: SomiModel) -> list[str]:
+    """Names of floating-point tensors with NaN or Inf; a Part's stress EMA is NaN until first measured."""
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not name.endswith("stress_ema") and not torch.isfinite(tensor).all()]
+
+
+def _tokenizer(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def remote_model_actor(checkpoint_dir: str, *, name: str | None = ACTOR_NAME, num_gpus: float | None = None,
+                       num_cpus: float = 1.0, namespace: str | None = None):
+    """Create (or get) the named, restartable ModelActor; asks for a GPU when the cluster has one."""
+    import ray
+
+    from actors.runtime import cluster_has_gpu
+
+    if num_gpus is None:
+        num_gpus = 1 if cluster_has_gpu() else 0
+    options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3, max_task_retries=0,
+                   max_concurrency=1)
+    if name:
+        options.update(name=name, get_if_exists=True, lifetime=None)
+        if namespace:
+            options["namespace"] = namespace
+    return ray.remote(ModelActor).options(**options).remote(checkpoint_dir)

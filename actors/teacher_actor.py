@@ -1,0 +1,129 @@
+"""TeacherActor: reads one teacher lazily and streams its aligned, projected package.
+
+The package header (vocabulary alignment, basis, token rows) comes first; the bands follow
+one by one from a streaming generator, so the ModelActor can absorb band k while this actor
+still projects band k + 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherActor:
+    """One teacher, opened from a Hugging Face folder, a hub id or a GGUF file."""
+
+    def __init__(self, path: str, allow_pickle: bool = False):
+        self.path = str(path)
+        self.allow_pickle = allow_pickle
+        self._reader = None
+        self._basis = None
+
+    def _open(self):
+        if self._reader is None:
+            from somi_ray.teachers import open_teacher
+
+            started = time.perf_counter()
+            self._reader = open_teacher(self.path, allow_pickle=self.allow_pickle)
+            logger.info("opened teacher %s (%s) in %.1f s", self.path, self._reader.info.family,
+                        time.perf_counter() - started)
+        return self._reader
+
+    def info(self) -> dict:
+        """Family, sizes and roles, read from the files' metadata."""
+        return dict(self._open().info.__dict__)
+
+    def tokenizer_json(self) -> str:
+        return self._open().tokenizer.to_str()
+
+    def header(self, hidden_size: int, somi_tokenizer_json: str | None = None,
+               somi_embedding: np.ndarray | None = None):
+        """The package without bands: vocabulary alignment, basis and token rows in SOMI's basis.
+
+        With no SOMI tokenizer, SOMI adopts this teacher's tokenizer; with no SOMI embedding,
+        this teacher defines SOMI's basis by PCA, otherwise it is rotated onto SOMI's.
+        """
+        from tokenizers import Tokenizer
+
+        from somi_ray.teachers import TeacherPackage, align_vocab, fit_basis
+        from somi_ray.teachers.vocab import identity_alignment
+
+        started = time.perf_counter()
+        reader = self._open()
+        if somi_tokenizer_json is None:
+            vocab = identity_alignment(reader.info.tokenizer_size)
+        else:
+            vocab = align_vocab(reader.tokenizer, Tokenizer.from_str(somi_tokenizer_json))
+        basis = fit_basis(reader, vocab, hidden_size, somi_embedding)
+        self._basis = basis
+        embedding = (reader.embedding(vocab.teacher_ids) @ basis.q).astype(np.float32)
+        if reader.info.tied_embeddings:
+            head = embedding
+        else:
+            head = (reader.head(vocab.teacher_ids) @ basis.q).astype(np.float32)
+        return TeacherPackage(info=reader.info, vocab=vocab, basis=basis, embedding=embedding, head=head,
+                              bands=[], seconds=time.perf_counter() - started)
+
+    def stream_bands(self, n_parts: int):
+        """Yield the projected Band of each Part in order (call header() first)."""
+        from somi_ray.teachers import iter_bands
+
+        if self._basis is None:
+            raise RuntimeError("stream_bands needs the basis: call header() first")
+        for band in iter_bands(self._open(), self._basis, n_parts):
+            logger.info("teacher %s: band for Part %d ready (energy kept %.3f)", self.path, band.part,
+                        band.energy_kept)
+            yield band
+
+    def bits_per_byte(self, texts: dict[str, str], max_bytes: int | None = 20_000, context: int = 256) -> dict:
+        """The teacher's own bits per byte on each text, through transformers (scoring only)."""
+        from somi_ray.evaluate import load_teacher, score_teacher
+
+        model, tokenizer = load_teacher(self.path)
+        try:
+            return {name: score_teacher(model, tokenizer, text, context=context, max_bytes=max_bytes).bpb
+                    for name, text in texts.items()}
+        finally:
+            del model
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def teacher_resources(path: str) -> dict:
+    """CPU and memory requests from the teacher's file sizes.
+
+    Reading dequantises one tensor group at a time in float32; quantised GGUF files expand
+    about 8 times, safetensors in 16-bit about 2 times. The request covers the largest
+    expansion of the whole file plus the interpreter, which overestimates on purpose.
+    """
+    p = Path(path)
+    if p.is_dir():
+        size = sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
+        factor = 2.5
+    elif p.exists():
+        size = p.stat().st_size
+        factor = 8.0 if p.suffix == ".gguf" else 2.5
+    else:
+        size, factor = 0, 1.0
+    memory = int(512 * 2**20 + factor * size)
+    return {"num_cpus": 0.5, "memory": memory}
+
+
+def remote_teacher_actor(path: str, *, allow_pickle: bool = False, max_restarts: int = 2):
+    """Create a TeacherActor with resource requests estimated from its files."""
+    import ray
+
+    resources = teacher_resources(path)
+    return ray.remote(TeacherActor).options(
+        max_restarts=max_restarts, max_task_retries=2, scheduling_strategy="SPREAD", **resources
+    ).remote(path, allow_pickle)
