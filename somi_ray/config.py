@@ -49,7 +49,7 @@ class SomiConfig:
     nudge: float = 0.1  # kappa_n, strength of the equilibrium-propagation nudge
     local_lr: float = 0.05  # eta for W
     local_decay: float = 1e-4  # weight decay of W per local step
-    mass_lr: float = 0.01  # rate of the mass rule
+    mass_lr: float = 0.0  # rate of the mass consolidation rule per local step (0 turns it off)
     precision_lr: float = 0.05  # eta for the precision vector
     local_gate: float = 0.5  # a Part takes a local step when its stress >= gate * its stress EMA
 

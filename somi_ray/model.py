@@ -211,11 +211,23 @@ class SomiModel(nn.Module):
         hidden = fixed_width_norm(mixed, self.config.norm_width) * self.final_gain
         return ForwardOutput(logits=self.decoder(hidden), visits=visits)
 
-    def jepa_targets(self, next_ids: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
-        """Target of every (system, position): the target encoder's row of the next token,
-        normalised and carried through the same tracts as the activations."""
+    @torch.no_grad()
+    def jepa_targets(self, ids: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+        """JEPA target of every (system, route position) for windows ids (B, T+1), each (B, T, H).
+
+        The target of position t is the target encoder's drive of position t+1: the EMA
+        embedding of the next token plus the temporal field of the EMA embeddings up to t,
+        normalised like Part 0's drive, with gradients stopped. The target encoder is thus the
+        input encoder with EMA token rows, so the target lives in the drive's coordinates
+        and holds the next token in its context. Later route positions carry it through
+        the same tracts as the activations.
+        """
+        part = self.parts[0]
         width = self.config.norm_width
-        base = fixed_width_norm(self.target_embedding[next_ids], width)  # (B, T, H)
+        x_bar = self.target_embedding[ids]  # (B, T+1, H)
+        r_bar = temporal_field(x_bar, field_decay(part.mass, self.config.field_tau))  # (B, T+1, H)
+        mixed = x_bar[:, 1:] + part.context_gain.detach() * r_bar[:, :-1]  # (B, T, H)
+        base = fixed_width_norm(mixed, width) * part.drive_gain.detach()
         targets = {(0, 0): base}
         for system, route in enumerate(self.config.routes):
             z = base
@@ -229,12 +241,11 @@ class SomiModel(nn.Module):
     @torch.no_grad()
     def measure_stress(self, ids: torch.Tensor) -> dict:
         """Stress of a batch (B, T+1): per token (B, T), per sequence (B,) and per Part."""
-        inputs, next_ids = ids[:, :-1], ids[:, 1:]
-        out = self.run(inputs)
-        return self._stress(out, next_ids)
+        out = self.run(ids[:, :-1])
+        return self._stress(out, ids)
 
-    def _stress(self, out: ForwardOutput, next_ids: torch.Tensor) -> dict:
-        targets = self.jepa_targets(next_ids)
+    def _stress(self, out: ForwardOutput, ids: torch.Tensor) -> dict:
+        targets = self.jepa_targets(ids)
         per_token = []
         per_part: dict[int, list[torch.Tensor]] = {}
         for visit in out.visits:
@@ -293,7 +304,7 @@ class SomiModel(nn.Module):
         self.train()
 
         out = self.run(inputs, noise_std=self.config.noise_std)
-        stress = self._stress(out, next_ids)
+        stress = self._stress(out, batch)
         ce = F.cross_entropy(out.logits.flatten(0, 1), next_ids.flatten(), reduction="none").view_as(next_ids)
 
         # Selective update: tokens that surprise the model weigh more in the macro loss.

@@ -20,7 +20,7 @@ dropped. Applying that operator costs O(H K) per position, and so does each corr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -109,6 +109,21 @@ class SettleOperator:
                 raise ValueError("a nudged settle needs a target")
             b = b + self.nudge * target
         return self.inv_sqrt_mass * b
+
+    def to(self, dtype: torch.dtype) -> "SettleOperator":
+        """Return a copy whose tensors have the given dtype (float64 for reference checks)."""
+        changes = {f.name: getattr(self, f.name).to(dtype) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **changes)
+
+    def linear_energy(self, psi: torch.Tensor, velocity: torch.Tensor, b_tilde: torch.Tensor) -> torch.Tensor:
+        """Hamiltonian of the linear phase per position: kinetic + 1/2 psi Â psi - b̃ psi, shape (...,).
+
+        The closed form integrates exactly this system, and the damping makes it fall
+        monotonically (dE/dt = -beta |psi'|^2).
+        """
+        kinetic = 0.5 * (velocity * velocity).sum(-1)
+        return kinetic + 0.5 * (psi * self.apply(psi)).sum(-1) - (b_tilde * psi).sum(-1)
 
     def energy(self, psi: torch.Tensor, velocity: torch.Tensor, b_tilde: torch.Tensor) -> torch.Tensor:
         """Hamiltonian per position: kinetic + quadratic + drive + tanh potentials, shape (...,)."""
