@@ -297,51 +297,6 @@ class ModelActor:
             self.optimizer = None
             raise
 
-    def learn_texts(self, texts: list[str], window: int = 64, details: dict | None = None) -> dict:
-        """Learn from raw texts (one learning step per text), then commit one learn event.
-
-        Each text is tokenised with SOMI's tokenizer and cut into windows of `window` + 1
-        tokens, and the windows of one text form one batch. When a step leaves any weight
-        non-finite, the weights before the call are restored and ValueError is raised,
-        so the version only rises for a committed, finite update.
-        """
-        model = self._require_model()
-        tokenizer = _tokenizer(self.tokenizer_json)
-        batches = []
-        for index, text in enumerate(texts):
-            ids = tokenizer.encode(text).ids
-            if len(ids) < 2:
-                raise ValueError(f"texts[{index}] has {len(ids)} tokens; learning needs at least 2")
-            span = min(window + 1, len(ids))
-            starts = range(0, len(ids) - span + 1, span)
-            rows = [ids[start:start + span] for start in starts]  # each row is span tokens long
-            if starts[-1] + span < len(ids):
-                rows.append(ids[-span:])  # the tail that the last full window missed
-            batches.append(torch.as_tensor(rows, dtype=torch.long, device=self.device))  # (B, span)
-
-        if self.optimizer is None:
-            self.optimizer = model.make_optimizer()
-        before = copy.deepcopy(model.state_dict())
-        started = time.time()
-        losses = [model.learn_step(batch, self.optimizer).loss for batch in batches]
-        model.eval()
-        bad = non_finite_tensors(model)
-        if bad:
-            model.load_state_dict(before)
-            self.optimizer = None
-            raise ValueError(f"learning from {len(texts)} texts made {bad[:5]} non-finite; the weights were restored")
-        metrics = {
-            "loss": float(np.mean(losses)),
-            "tokens": int(sum(batch.numel() for batch in batches)),
-            "seconds": time.time() - started,
-        }
-        try:
-            return self._commit("learn", dict(details or {}, texts=len(texts), window=window), metrics)
-        except BaseException:
-            model.load_state_dict(before)
-            self.optimizer = None
-            raise
-
     def record(self, kind: str, details: dict, metrics: dict) -> dict:
         """Commit an event that changes no weights (for example evaluation results)."""
         return self._commit(kind, details, metrics, bump_version=False)
