@@ -28,6 +28,15 @@ logger = logging.getLogger(__name__)
 
 ACTOR_NAME = "somi-model"
 
+# Absorption checks; relative tolerances on bits per byte, a floor for the Wilson-loop drift.
+DEFAULT_ABSORB_POLICY = {
+    "adoption": False,  # the first teacher of a new model: no earlier knowledge to protect
+    "bpb_tolerance": 0.02,  # allowed relative rise of probe bpb on the teacher's own domains
+    "interference_tolerance": 0.02,  # allowed relative rise on every other probe domain
+    "wilson_floor": 0.05,  # smallest Wilson-trace tolerance, used until learning has shown its drift
+    "teacher_domains": [],
+}
+
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -38,7 +47,11 @@ def pick_device(device: str = "auto") -> torch.device:
 class ModelActor:
     """Holds one SOMI model and its checkpoint folder."""
 
-    def __init__(self, checkpoint_dir: str, device: str = "auto"):
+    def __init__(self, checkpoint_dir: str, device: str = "auto", threads: int | None = None):
+        if threads:
+            # Ray limits an actor's threads to its CPU request; the embedded local cluster asks
+            # for the machine's cores here because the model is the main compute.
+            torch.set_num_threads(int(threads))
         self.path = Path(checkpoint_dir).resolve()
         self.device = pick_device(device)
         self.model: SomiModel | None = None
@@ -46,6 +59,12 @@ class ModelActor:
         self.lineage = Lineage()
         self.optimizer = None
         self._pending_absorb: dict | None = None
+        self._probe_bytes = 20_000  # bytes of each probe text scored by the absorption checks
+        from somi_ray.integrity import WilsonDrift
+
+        # NOTE: the drift history lives in memory; after a restart tolerances start again from
+        # the floor until learning has recorded new changes.
+        self.wilson_drift = WilsonDrift()
         if checkpoint_exists(self.path):
             checkpoint = load_checkpoint(self.path, self.device)
             self.model = checkpoint.model
@@ -150,33 +169,63 @@ class ModelActor:
 
     # ------------------------------------------------------------------ absorption
 
-    def begin_absorb(self, package, strength: float, details: dict | None = None) -> dict:
-        """Start an absorption: keep a rollback copy, then blend the package's token rows.
+    def probe_ids(self, texts: dict[str, str], sequences: int = 4, length: int = 64) -> torch.Tensor:
+        """A probe batch (B, length + 1) of real text: the first windows of each probe text."""
+        tokenizer = _tokenizer(self.tokenizer_json)
+        rows = []
+        for text in texts.values():
+            ids = tokenizer.encode(text[:20_000], add_special_tokens=False).ids
+            starts = range(0, len(ids) - length, length + 1)
+            rows += [ids[start:start + length + 1] for start in list(starts)[:sequences]]
+        if len(rows) < 2:
+            raise ValueError(f"probe texts give {len(rows)} windows of {length + 1} tokens; at least 2 are needed")
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-        Bands follow with absorb_band (as the TeacherActor streams them) and the
-        absorption ends with finish_absorb or abort_absorb.
+    def probe_stress(self, texts: dict[str, str]) -> dict[int, float]:
+        """Mean relative JEPA error of each Part on the probe texts."""
+        model = self._require_model()
+        stress = model.measure_stress(self.probe_ids(texts))
+        return {int(k): float(v) for k, v in stress["per_part"].items()}
+
+    def begin_absorb(self, package, strength: float | dict, probes: dict[str, str] | None = None,
+                     details: dict | None = None) -> dict:
+        """Start an absorption attempt: record it, keep a rollback copy, blend the token rows.
+
+        `strength` is one factor or a factor per Part (stress-guided). Bands follow with
+        absorb_band as the TeacherActor streams them; finish_absorb then checks the model and
+        commits, or rolls back.
         """
+        from somi_ray.integrity import check_model
+
         model = self._require_model()
         if self._pending_absorb is not None:
             raise RuntimeError("an absorption is already in progress; finish or abort it first")
         check_package(model, package)
+        per_part = strength if isinstance(strength, dict) else {p: float(strength) for p in range(len(model.parts))}
+        per_part = {int(p): float(a) for p, a in per_part.items()}
+        row_strength = sum(per_part.values()) / max(len(per_part), 1)
+        probe = self.probe_ids(probes) if probes else None
+        attempt = dict(details or {}, teacher=package.info.path, family=package.info.family,
+                       strength=row_strength, part_strengths=per_part, coverage=float(package.vocab.coverage),
+                       basis=package.basis.method, basis_residual=float(package.basis.residual))
+        self._commit("absorb-attempt", attempt, {}, bump_version=False)
         self._pending_absorb = {
             "state": copy.deepcopy(model.state_dict()),
             "teacher": package.info.path,
-            "strength": float(strength),
-            "details": {
-                "teacher": package.info.path, "family": package.info.family, "strength": float(strength),
-                "coverage": float(package.vocab.coverage), "basis": package.basis.method,
-                "basis_residual": float(package.basis.residual), **(details or {}),
-            },
+            "strength": per_part,
+            "details": attempt,
             "bands": [],
             "started": time.time(),
+            "probes": probes or {},
+            "probe_ids": probe,
+            "before_bpb": self.evaluate(probes, max_bytes=self._probe_bytes) if probes else {},
+            "before_report": check_model(model, probe) if probe is not None else None,
         }
-        rows = absorb_rows(model, package, strength)
+        rows = absorb_rows(model, package, row_strength)
         self._pending_absorb["details"]["rows"] = rows
         return {"rows": rows}
 
-    def absorb_band(self, band, mode: str = "blend", strength: float | None = None) -> dict:
+    def absorb_band(self, band, mode: str = "blend") -> dict:
         model = self._require_model()
         pending = self._pending_absorb
         if pending is None:
@@ -185,29 +234,73 @@ class ModelActor:
         if band.part >= len(model.parts):
             logger.warning("band for Part %d skipped: the model has %d Parts", band.part, len(model.parts))
             return {"part": band.part, "skipped": True}
-        a = pending["strength"] if strength is None else float(strength)
+        a = pending["strength"].get(band.part, 0.0)
         absorb_band(model, band, a, mode)
         pending["bands"].append({"part": band.part, "layers": band.layers, "energy_kept": float(band.energy_kept),
                                  "strength": a, "mode": mode})
         return {"part": band.part, "skipped": False}
 
-    def finish_absorb(self, metrics: dict | None = None) -> dict:
-        """Check the absorbed model and commit the absorb event, or roll back on damage."""
+    def finish_absorb(self, policy: dict | None = None) -> dict:
+        """Check the absorbed model; commit the absorb event, or roll back and record why.
+
+        Checks: every tensor finite; the integrity report (W constraints, spectrum, energy,
+        Wilson loops finite, causality) healthy; each Wilson trace within the drift tolerance
+        learned from ordinary learning; probe bits per byte not worse than before by more than
+        `bpb_tolerance` on the teacher's domains and `interference_tolerance` on the others.
+        `adoption` (the first teacher of a new model) skips the comparisons with before.
+        Returns {"committed", "reasons", "event", "bpb"}.
+        """
+        from somi_ray.integrity import check_model, compare
+
         model = self._require_model()
         pending = self._pending_absorb
         if pending is None:
             raise RuntimeError("finish_absorb called without begin_absorb")
+        policy = dict(DEFAULT_ABSORB_POLICY, **(policy or {}))
+        reasons: list[str] = []
+
         bad = non_finite_tensors(model)
         if bad:
-            self.abort_absorb(f"non-finite values in {bad[:5]} after absorption")
-            raise ValueError(f"absorbing {pending['teacher']} produced non-finite weights; the model was rolled back")
+            reasons.append(f"non-finite values in {bad[:5]}")
+        after_bpb: dict[str, float] = {}
+        if not reasons and pending["probe_ids"] is not None:
+            report = check_model(model, pending["probe_ids"])
+            reasons += [f"integrity: {issue}" for issue in report.issues]
+            if not policy["adoption"] and pending["before_report"] is not None:
+                tolerances = self.wilson_drift.tolerances() or policy["wilson_floor"]
+                if isinstance(tolerances, dict):
+                    tolerances = {k: max(v, policy["wilson_floor"]) for k, v in tolerances.items()}
+                comparison = compare(pending["before_report"], report, tolerances)
+                if not comparison.ok:
+                    reasons.append(f"Wilson loops of Systems {comparison.exceeded} moved by "
+                                   f"{[round(comparison.changes[s], 4) for s in comparison.exceeded]}, beyond "
+                                   f"{[round(comparison.tolerances[s], 4) for s in comparison.exceeded]}")
+        if not reasons and pending["probes"]:
+            after_bpb = self.evaluate(pending["probes"], max_bytes=self._probe_bytes)
+            if not policy["adoption"]:
+                own = set(policy.get("teacher_domains") or [])
+                for domain, after in after_bpb.items():
+                    before = pending["before_bpb"][domain]
+                    limit = policy["bpb_tolerance"] if domain in own or not own else policy["interference_tolerance"]
+                    if after > before * (1.0 + limit):
+                        kind = "probe" if domain in own or not own else "interference on"
+                        reasons.append(f"{kind} {domain} bits per byte rose from {before:.4f} to {after:.4f} "
+                                       f"(limit +{100 * limit:.1f} %)")
+
+        if reasons:
+            rollback = self.abort_absorb("; ".join(reasons))
+            return {"committed": False, "reasons": reasons, "event": rollback, "bpb": after_bpb}
+
         details = dict(pending["details"], bands=pending["bands"], seconds=time.time() - pending["started"])
+        metrics = {"bpb": after_bpb, "bpb_before": pending["before_bpb"], "parameters": model.parameter_count(),
+                   "hidden_size": model.config.hidden_size, "n_parts": model.config.n_parts}
         self._pending_absorb = None
         self.optimizer = None
-        return self._commit("absorb", details, dict(metrics or {}, parameters=model.parameter_count()))
+        event = self._commit("absorb", details, metrics)
+        return {"committed": True, "reasons": [], "event": event, "bpb": after_bpb}
 
     def abort_absorb(self, reason: str) -> dict:
-        """Restore the state from before begin_absorb and record the rollback."""
+        """Restore the whole state from before begin_absorb and record the rollback."""
         model = self._require_model()
         pending = self._pending_absorb
         if pending is None:
@@ -216,7 +309,8 @@ class ModelActor:
         self._pending_absorb = None
         logger.warning("rolled back absorption of %s: %s", pending["teacher"], reason)
         return self._commit("rollback", {"teacher": pending["teacher"], "reason": reason,
-                                         "strength": pending["strength"]}, {}, bump_version=False)
+                                         "attempt": pending["details"].get("attempt"),
+                                         "part_strengths": pending["strength"]}, {}, bump_version=False)
 
     # ------------------------------------------------------------------ learning
 
@@ -233,13 +327,17 @@ class ModelActor:
             self.optimizer = model.make_optimizer()
         started = time.time()
         losses, stresses = [], []
-        for _ in range(steps):
+        from somi_ray.integrity import wilson_loops
+
+        for step in range(steps):
             window_ids, tokens = ray.get(sampler.sample.remote(batch_size))
-            batch = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+            batch = torch.tensor(tokens, dtype=torch.long, device=self.device)
             stats = model.learn_step(batch, self.optimizer)
             losses.append(stats.loss)
             stresses.append(float(stats.stress_per_sequence.mean()))
             sampler.report.remote(window_ids, stats.stress_per_sequence.numpy())
+            if (step + 1) % 5 == 0:
+                self.wilson_drift.record(wilson_loops(model))
         model.eval()
         tokens_seen = steps * batch_size * (int(tokens.shape[1]) - 1) if steps else 0
         metrics = {
@@ -314,9 +412,21 @@ def _tokenizer(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def remote_model_actor(checkpoint_dir: str, *, name: str | None = ACTOR_NAME, num_gpus: float | None = None,
-                       num_cpus: float = 1.0, namespace: str | None = None):
-    """Create (or get) the named, restartable ModelActor; asks for a GPU when the cluster has one."""
+def actor_name(checkpoint_dir: str) -> str:
+    """The ModelActor's name: one writer per checkpoint folder in a cluster."""
+    import hashlib
+
+    digest = hashlib.sha1(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:12]
+    return f"{ACTOR_NAME}-{digest}"
+
+
+def remote_model_actor(checkpoint_dir: str, *, name: str | None = "", num_gpus: float | None = None,
+                       num_cpus: float = 1.0, namespace: str | None = None, threads: int | None = None):
+    """Create (or get) the restartable ModelActor of a checkpoint folder; asks for a GPU when the cluster has one.
+
+    The default name comes from the folder, so a second caller gets the same single writer;
+    `name=None` makes an unnamed actor.
+    """
     import ray
 
     from actors.runtime import cluster_has_gpu
@@ -325,8 +435,10 @@ def remote_model_actor(checkpoint_dir: str, *, name: str | None = ACTOR_NAME, nu
         num_gpus = 1 if cluster_has_gpu() else 0
     options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3, max_task_retries=0,
                    max_concurrency=1)
+    if name == "":
+        name = actor_name(checkpoint_dir)
     if name:
         options.update(name=name, get_if_exists=True, lifetime=None)
         if namespace:
             options["namespace"] = namespace
-    return ray.remote(ModelActor).options(**options).remote(checkpoint_dir)
+    return ray.remote(ModelActor).options(**options).remote(checkpoint_dir, "auto", threads)

@@ -25,6 +25,7 @@ class TeacherActor:
         self.allow_pickle = allow_pickle
         self._reader = None
         self._basis = None
+        self._operators: list | None = None  # band operators in teacher space, from prepare()
 
     def _open(self):
         if self._reader is None:
@@ -71,13 +72,38 @@ class TeacherActor:
         return TeacherPackage(info=reader.info, vocab=vocab, basis=basis, embedding=embedding, head=head,
                               bands=[], seconds=time.perf_counter() - started)
 
-    def stream_bands(self, n_parts: int):
-        """Yield the projected Band of each Part in order (call header() first)."""
-        from somi_ray.teachers import iter_bands
+    def prepare(self, n_parts: int) -> dict:
+        """Dequantise every layer and keep each band's operator in the teacher's own space.
 
-        if self._basis is None:
-            raise RuntimeError("stream_bands needs the basis: call header() first")
-        for band in iter_bands(self._open(), self._basis, n_parts):
+        This is most of the extraction work and needs no SOMI basis, so all teachers can run
+        it in parallel while the ModelActor is still busy with an earlier teacher.
+        """
+        from somi_ray.teachers.projection import iter_band_operators
+
+        started = time.perf_counter()
+        self._operators = list(iter_band_operators(self._open(), n_parts))
+        seconds = time.perf_counter() - started
+        logger.info("teacher %s: %d band operators ready in %.1f s", self.path, len(self._operators), seconds)
+        return {"bands": len(self._operators), "seconds": seconds}
+
+    def stream_bands(self, n_parts: int, basis=None):
+        """Yield the projected Band of each Part in order.
+
+        `basis` is the header's basis; passing it keeps this call independent of actor state,
+        so a restarted actor can replay it. Uses the operators from prepare() when they exist
+        for this Part count, and reads the layers band by band otherwise.
+        """
+        from somi_ray.teachers.projection import iter_band_operators, project_band
+
+        basis = basis if basis is not None else self._basis
+        if basis is None:
+            raise RuntimeError("stream_bands needs a basis: pass the header's basis or call header() first")
+        if self._operators is not None and len(self._operators) == n_parts:
+            operators = iter(self._operators)
+        else:
+            operators = iter_band_operators(self._open(), n_parts)
+        for part, layers, operator, gains in operators:
+            band = project_band(part, layers, operator, gains, basis)
             logger.info("teacher %s: band for Part %d ready (energy kept %.3f)", self.path, band.part,
                         band.energy_kept)
             yield band

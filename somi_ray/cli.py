@@ -40,7 +40,7 @@ def _parse_probe(value: str) -> tuple[str, str]:
 
 
 def cmd_absorb(args: argparse.Namespace) -> int:
-    from actors.absorber import AbsorbJob, JobError, format_table, run_absorb_job
+    from actors.absorber import AbsorbJob, JobError, format_events, format_table, run_absorb_job
 
     eval_texts = dict(args.probe or [])
     if args.eval:
@@ -51,6 +51,8 @@ def cmd_absorb(args: argparse.Namespace) -> int:
     job = AbsorbJob(
         teachers=args.teacher, corpus=args.corpus, eval_texts=eval_texts, out=args.out, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, hidden_size=args.hidden, n_parts=args.parts,
+        between_steps=args.between_steps, max_attempts=args.max_attempts, bpb_tolerance=args.bpb_tolerance,
+        interference_tolerance=args.interference_tolerance, random_baseline=args.random_baseline,
         strength=args.strength, mode=args.absorb_mode, eval_bytes=args.eval_bytes or None,
         teacher_eval_bytes=args.teacher_eval_bytes or None, score_teachers=not args.no_teacher_scores,
         commit_every=args.commit_every, seed=args.seed, address=args.address, num_cpus=args.num_cpus,
@@ -60,7 +62,11 @@ def cmd_absorb(args: argparse.Namespace) -> int:
     except JobError as error:
         _say(f"error: {error}")
         return 1
+    print(format_events(report))
+    print()
     print(format_table(report))
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.stage_seconds.items())
+    print(f"stages: {stages}")
     print(f"checkpoint {report.checkpoint} at version {report.version} ({report.seconds:.0f} s)")
     _write_json(args.json, report.as_dict())
     return 0
@@ -205,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out text of a probe domain; repeat for several")
     absorb.add_argument("--out", required=True, help="checkpoint folder (created, or continued when it exists)")
     absorb.add_argument("--steps", type=int, default=200, help="learning steps after absorption (default 200)")
+    absorb.add_argument("--between-steps", type=int, default=0,
+                        help="learning steps after each absorption but the last (default 0)")
+    absorb.add_argument("--random-baseline", action="store_true",
+                        help="also train SOMI from random initialisation for the same number of steps")
+    absorb.add_argument("--max-attempts", type=int, default=3,
+                        help="absorption attempts per teacher; each retry after a rollback halves the strength")
+    absorb.add_argument("--bpb-tolerance", type=float, default=0.02,
+                        help="allowed relative rise of probe bits per byte after an absorption (default 0.02)")
+    absorb.add_argument("--interference-tolerance", type=float, default=0.02,
+                        help="allowed relative rise on probe domains where the teacher is not stronger")
     absorb.add_argument("--batch-size", type=int, default=8, help="windows per learning step (default 8)")
     absorb.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     absorb.add_argument("--hidden", type=int, default=128, help="hidden size of a new SOMI model (default 128)")

@@ -128,12 +128,13 @@ def spectrum_summary(coupling: np.ndarray, count: int = SPECTRUM_EIGENVALUES) ->
     return summary
 
 
-def iter_bands(reader, basis: Basis, n_parts: int, *, sparsity: int | None = None) -> Iterator[Band]:
-    """Yield one projected Band per SOMI Part, reading only that band's layers at a time."""
-    hidden = basis.q.shape[1]
-    k = default_sparsity(hidden) if sparsity is None else sparsity
-    head_dim = reader.dims.head_dim
+def iter_band_operators(reader, n_parts: int) -> Iterator[tuple[int, list[int], np.ndarray, np.ndarray]]:
+    """Yield (part, layers, operator (N, N), norm gains (N,)) per band, in the teacher's own space.
 
+    This is the expensive half of extraction (dequantising every layer) and needs no SOMI
+    basis, so it can run before the basis is known.
+    """
+    head_dim = reader.dims.head_dim
     for part, layers in enumerate(band_layers(reader.info.n_layers, n_parts)):
         operator = None
         gains = None
@@ -145,11 +146,23 @@ def iter_bands(reader, basis: Basis, n_parts: int, *, sparsity: int | None = Non
             del tensors
         operator /= len(layers)  # the band's operator is the mean of its layers'
         gains /= len(layers)
+        yield part, layers, operator, gains
 
-        coupling, mask, numbers = project_operator(operator, basis, k)
-        band = Band(part=part, layers=layers, coupling=coupling, mask=mask, mass=band_mass(gains, basis),
-                    energy_kept=numbers["energy_kept"], spectrum=spectrum_summary(coupling),
-                    energy_delivered=numbers["energy_delivered"], scale=numbers["scale"])
-        log.info("band %d (layers %s): energy kept %.4f, delivered %.4f", part, layers, band.energy_kept,
-                 band.energy_delivered)
-        yield band
+
+def project_band(part: int, layers: list[int], operator: np.ndarray, gains: np.ndarray, basis: Basis,
+                 sparsity: int | None = None) -> Band:
+    """Project one band's operator and gains into SOMI's basis."""
+    k = default_sparsity(basis.q.shape[1]) if sparsity is None else sparsity
+    coupling, mask, numbers = project_operator(operator, basis, k)
+    band = Band(part=part, layers=layers, coupling=coupling, mask=mask, mass=band_mass(gains, basis),
+                energy_kept=numbers["energy_kept"], spectrum=spectrum_summary(coupling),
+                energy_delivered=numbers["energy_delivered"], scale=numbers["scale"])
+    log.info("band %d (layers %s): energy kept %.4f, delivered %.4f", part, layers, band.energy_kept,
+             band.energy_delivered)
+    return band
+
+
+def iter_bands(reader, basis: Basis, n_parts: int, *, sparsity: int | None = None) -> Iterator[Band]:
+    """Yield one projected Band per SOMI Part, reading only that band's layers at a time."""
+    for part, layers, operator, gains in iter_band_operators(reader, n_parts):
+        yield project_band(part, layers, operator, gains, basis, sparsity)
