@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+# Ray reads these when it is imported, so they are set before any test module imports it:
+# the node IP becomes 127.0.0.1 and every Ray listener binds to loopback.
+from actors.runtime import LOOPBACK_ENVIRONMENT
+
+os.environ.update(LOOPBACK_ENVIRONMENT)
+
 import shutil
 import tempfile
 from pathlib import Path

@@ -61,17 +61,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
-    """A running Serve application; yields its base URL."""
-    from actors.runtime import RayOptions, start_ray
+def server(ray_session):
+    """A running Serve application on the session's Ray; yields its base URL."""
     from actors.serve_app import ServeOptions, run_server
 
-    # Unix socket paths are limited to 107 bytes, so the Ray folder sits directly under /tmp.
     temp = tempfile.mkdtemp(prefix="sv", dir="/tmp")
     checkpoint = os.path.join(temp, "ckpt")
     make_checkpoint(checkpoint)
     CHECKPOINT["path"] = checkpoint
-    ray = start_ray(RayOptions(num_cpus=2, temp_dir=os.path.join(temp, "r")))
     options = ServeOptions(checkpoint_dir=checkpoint, model_name="somi-test", replicas=2, learn_tokens=[LEARN_TOKEN],
                            learn_rate=1000.0, learn_burst=1000, refresh_ms=50, max_prompt_tokens=64,
                            max_tokens_limit=32, max_body_bytes=8192)
@@ -83,7 +80,6 @@ def server():
         yield url
     finally:
         serve.shutdown()
-        ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
 
 
