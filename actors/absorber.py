@@ -174,7 +174,13 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
     texts = {domain: Path(path).read_text(encoding="utf-8") for domain, path in job.eval_texts.items()}
     embedded = job.address is None
 
-    ray = start_ray(RayOptions(address=job.address, num_cpus=job.num_cpus))
+    num_cpus = job.num_cpus
+    if embedded and num_cpus is None:
+        # Logical CPUs of the embedded cluster: at least 4, so the ModelActor, the sampler and
+        # several TeacherActors can all be placed on a small machine; the actors mostly wait on
+        # each other, and the ModelActor sets its own thread count.
+        num_cpus = max(os.cpu_count() or 1, 4)
+    ray = start_ray(RayOptions(address=job.address, num_cpus=num_cpus))
     report = JobReport(checkpoint=str(Path(job.out).resolve()))
     stage = _Stages(report)
     threads = os.cpu_count() if embedded else None

@@ -142,7 +142,9 @@ def teacher_resources(path: str) -> dict:
     else:
         size, factor = 0, 1.0
     memory = int(512 * 2**20 + factor * size)
-    return {"num_cpus": 0.5, "memory": memory}
+    # A quarter CPU: extraction runs in bursts, and several teachers must fit next to the
+    # ModelActor on a small machine.
+    return {"num_cpus": 0.25, "memory": memory}
 
 
 def remote_teacher_actor(path: str, *, allow_pickle: bool = False, max_restarts: int = 2):
