@@ -216,7 +216,8 @@ class SomiModel(nn.Module):
         """JEPA target of every (system, route position) for windows ids (B, T+1), each (B, T, H).
 
         The target of position t is the target encoder's drive of position t+1: the EMA
-        embedding of the next token plus the temporal field of the EMA embeddings up to t,
+        embedding row of the next token, scaled to a fixed norm, plus the temporal field of
+        those rows up to t,
         normalised like Part 0's drive, with gradients stopped. The target encoder is thus the
         input encoder with EMA token rows, so the target lives in the drive's coordinates
         and holds the next token in its context. Later route positions carry it through
@@ -224,7 +225,9 @@ class SomiModel(nn.Module):
         """
         part = self.parts[0]
         width = self.config.norm_width
-        x_bar = self.target_embedding[ids]  # (B, T+1, H)
+        # Every token row enters at the same norm, so the error measures how unpredictable
+        # the next token is, not how long its embedding row happens to be.
+        x_bar = fixed_width_norm(self.target_embedding[ids], width)  # (B, T+1, H)
         r_bar = temporal_field(x_bar, field_decay(part.mass, self.config.field_tau))  # (B, T+1, H)
         mixed = x_bar[:, 1:] + part.context_gain.detach() * r_bar[:, :-1]  # (B, T, H)
         base = fixed_width_norm(mixed, width) * part.drive_gain.detach()
