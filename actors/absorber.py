@@ -4,7 +4,7 @@ Schedule:
 1. Every teacher opens in its own TeacherActor; all of them dequantise their layers into
    band operators and score themselves on the probe texts in parallel.
 2. The first teacher's tokenizer and embedding define a new SOMI model (unless the output
-   folder already holds one).
+   folder already contains one).
 3. Fingerprints: SOMI's per-Part stress and probe bits per byte; each teacher's probe bits per
    byte. The knowledge diff orders the later teachers (largest advantage first) and sets
    per-Part strengths (absorb where SOMI is stressed and the teacher is not).
@@ -127,7 +127,7 @@ def _check_inputs(job: AbsorbJob) -> None:
 
 
 def _unwrap(error: Exception) -> Exception:
-    """The original exception inside a RayTaskError, when there is one."""
+    """Return the original exception inside a RayTaskError, or the error itself."""
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, Exception) else error
 
@@ -144,9 +144,9 @@ def knowledge_diff(somi_bpb: dict[str, float], teacher_bpb: dict[str, float]) ->
 
 
 def part_strengths(base: float, part_stress: dict[int, float], advantage: float) -> dict[int, float]:
-    """Stress-guided strength per Part: base * advantage * (Part stress / mean stress), in [0, 1].
+    """Return the stress-guided strength per Part: base * advantage * (Part stress / mean stress).
 
-    Parts under more stress than average take more of the teacher; a teacher with no
+    Parts under more stress than average take more of the teacher. A teacher with no
     advantage on any probe domain is absorbed at a quarter of the base strength at most.
     """
     if not part_stress:
@@ -176,9 +176,9 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
 
     num_cpus = job.num_cpus
     if embedded and num_cpus is None:
-        # Logical CPUs of the embedded cluster: at least 4, so the ModelActor, the sampler and
-        # several TeacherActors can all be placed on a small machine; the actors mostly wait on
-        # each other, and the ModelActor sets its own thread count.
+        # The embedded cluster declares at least 4 logical CPUs, so the ModelActor, the sampler
+        # and several TeacherActors can all be placed on a small machine. The actors mostly wait
+        # on each other, and the ModelActor sets its own thread count.
         num_cpus = max(os.cpu_count() or 1, 4)
     ray = start_ray(RayOptions(address=job.address, num_cpus=num_cpus))
     report = JobReport(checkpoint=str(Path(job.out).resolve()))
@@ -305,7 +305,7 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
 
 
 def _teacher_order(teachers: list[str], first_is_fixed: bool, somi_bpb: dict, scores: dict) -> list[str]:
-    """The first teacher stays first when it defines a new model; the rest by mean advantage, largest first."""
+    """Order teachers: the first stays first when it defines a new model, the rest by mean advantage."""
     fixed = [teachers[0]] if first_is_fixed else []
     rest = [t for t in teachers if t not in fixed]
 
@@ -346,8 +346,8 @@ def _absorb_teacher(ray, job: AbsorbJob, model, actor, path: str, adoption: bool
                     "adoption": adoption, "bpb_tolerance": job.bpb_tolerance,
                     "interference_tolerance": job.interference_tolerance, "teacher_domains": own_domains}))
             except ray.exceptions.RayActorError as error:
-                # The ModelActor died; it restarts from its last committed checkpoint, which
-                # either holds this attempt's absorb event or not.
+                # The ModelActor died. It restarts from its last committed checkpoint, which
+                # contains this attempt's absorb event only if the commit finished.
                 restarts += 1
                 if restarts > 3:
                     raise JobError(f"the ModelActor died {restarts} times while absorbing {path}: {error}") from None
@@ -385,7 +385,7 @@ def _absorb_teacher(ray, job: AbsorbJob, model, actor, path: str, adoption: bool
 
 
 def _committed_attempt(ray, model, attempt_id: str) -> dict | None:
-    """The absorb event of an attempt, once the (restarted) ModelActor answers; None if it never committed."""
+    """Return the absorb event of an attempt once the restarted ModelActor replies, or None."""
     deadline = time.time() + 120.0
     while True:
         try:
@@ -463,7 +463,7 @@ def _windows(text: str, tokenizer, seq_len: int):
 
 
 def format_table(report: JobReport) -> str:
-    """The results table as aligned text, one row per model and one column per domain."""
+    """Format the results table: one row per model and one column per domain."""
     domains = sorted({d for row in report.rows for d in row["bpb"]})
     width = max(len(row["name"]) for row in report.rows) if report.rows else 10
     lines = [f"{'bits per byte':<{width}}  " + "  ".join(f"{d:>12}" for d in domains)]
@@ -474,7 +474,7 @@ def format_table(report: JobReport) -> str:
 
 
 def format_events(report: JobReport) -> str:
-    """One line per absorption attempt and learning phase."""
+    """Format one line per absorption attempt and learning phase."""
     lines = []
     for event in report.events:
         bpb = ", ".join(f"{d} {v:.4f}" for d, v in sorted(event.get("bpb", {}).items()))

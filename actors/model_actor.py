@@ -1,6 +1,6 @@
 """ModelActor: the single writer of a SOMI model.
 
-It holds the model, applies every change (init, absorb, learn, rollback) and commits each
+It keeps the model in memory, applies every change (init, absorb, learn, rollback) and commits each
 change as a lineage event to the checkpoint folder before the call returns, so an
 acknowledged event survives a restart. The constructor reloads the latest committed
 checkpoint, which makes the actor safe to restart (`max_restarts`).
@@ -49,8 +49,8 @@ class ModelActor:
 
     def __init__(self, checkpoint_dir: str, device: str = "auto", threads: int | None = None):
         if threads:
-            # Ray limits an actor's threads to its CPU request; the embedded local cluster asks
-            # for the machine's cores here because the model is the main compute.
+            # Ray limits an actor's threads to its CPU request. The embedded local cluster passes
+            # the machine's core count here because the model is the main compute.
             torch.set_num_threads(int(threads))
         self.path = Path(checkpoint_dir).resolve()
         self.device = pick_device(device)
@@ -143,7 +143,7 @@ class ModelActor:
         return [event.row() for event in self.lineage]
 
     def snapshot(self) -> dict:
-        """A versioned copy of the weights for inference replicas."""
+        """Return a versioned copy of the weights for inference replicas."""
         model = self._require_model()
         return {
             "version": self.lineage.version,
@@ -170,7 +170,7 @@ class ModelActor:
     # ------------------------------------------------------------------ absorption
 
     def probe_ids(self, texts: dict[str, str], sequences: int = 4, length: int = 64) -> torch.Tensor:
-        """A probe batch (B, length + 1) of real text: the first windows of each probe text."""
+        """Return a probe batch (B, length + 1) of real text: the first windows of each probe text."""
         tokenizer = _tokenizer(self.tokenizer_json)
         rows = []
         for text in texts.values():
@@ -243,9 +243,9 @@ class ModelActor:
     def finish_absorb(self, policy: dict | None = None) -> dict:
         """Check the absorbed model; commit the absorb event, or roll back and record why.
 
-        Checks: every tensor finite; the integrity report (W constraints, spectrum, energy,
-        Wilson loops finite, causality) healthy; each Wilson trace within the drift tolerance
-        learned from ordinary learning; probe bits per byte not worse than before by more than
+        The checks: every tensor is finite, and the integrity report (W constraints, spectrum,
+        energy, finite Wilson loops, causality) is healthy. Each Wilson trace stays within the
+        drift tolerance learned from ordinary learning. Probe bits per byte rise by at most
         `bpb_tolerance` on the teacher's domains and `interference_tolerance` on the others.
         `adoption` (the first teacher of a new model) skips the comparisons with before.
         Returns {"committed", "reasons", "event", "bpb"}.
@@ -350,6 +350,66 @@ class ModelActor:
         }
         return self._commit("learn", dict(details or {}, steps=steps, batch_size=batch_size), metrics)
 
+    def learn_distill(self, sampler, steps: int, batch_size: int, teachers: list[dict], cache_root: str,
+                      k: int, details: dict | None = None) -> dict:
+        """Learn like `learn`, with a distillation term per teacher next to cross-entropy.
+
+        `teachers` holds {"key": teacher cache key, "weight": float} entries; their targets are
+        read from the target cache under `cache_root` by window. A window without targets
+        learns from cross-entropy alone. Each step measures SOMI's per-token stress first
+        (one extra forward pass), so the term weighs positions where SOMI is surprised.
+        """
+        import ray
+
+        from somi_ray.distill import SomiVocab, TargetCache, distillation_loss, stack_targets, window_key
+        from somi_ray.integrity import wilson_loops
+
+        model = self._require_model()
+        if self.optimizer is None:
+            self.optimizer = model.make_optimizer()
+        vocab_hash = SomiVocab(_tokenizer(self.tokenizer_json)).hash
+        caches = [(TargetCache(cache_root, t["key"], vocab_hash, k), float(t["weight"])) for t in teachers]
+        started = time.time()
+        losses, stresses, distill_terms, covered = [], [], [], []
+        for step in range(steps):
+            window_ids, tokens = ray.get(sampler.sample.remote(batch_size))
+            batch = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            T = batch.shape[1] - 1
+            token_stress = model.measure_stress(batch)["per_token"]  # (B, T)
+            keys = [window_key(row) for row in tokens.astype(np.int32)]
+            stacked = [(stack_targets([cache.get(key) for key in keys], T, k), weight) for cache, weight in caches]
+            terms = []
+
+            def extra_loss(logits, inputs):
+                total = logits.sum() * 0.0
+                for (ids, logprobs, confidence), weight in stacked:
+                    term = distillation_loss(logits, ids, logprobs, confidence, token_stress, weight)
+                    terms.append(float(term.detach()))
+                    total = total + term
+                return total
+
+            stats = model.learn_step(batch, self.optimizer, extra_loss=extra_loss)
+            losses.append(stats.loss)
+            stresses.append(float(stats.stress_per_sequence.mean()))
+            distill_terms.append(sum(terms))
+            covered.append(float(np.mean([float((ids[..., 0] >= 0).float().mean()) for (ids, _, _), _ in stacked])))
+            sampler.report.remote(window_ids, stats.stress_per_sequence.numpy())
+            if (step + 1) % 5 == 0:
+                self.wilson_drift.record(wilson_loops(model))
+        model.eval()
+        metrics = {
+            "loss": float(np.mean(losses)) if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "distill": float(np.mean(distill_terms)) if distill_terms else None,
+            "target_coverage": float(np.mean(covered)) if covered else None,
+            "cache_hit_rate": float(np.mean([cache.stats.hit_rate for cache, _ in caches])) if caches else None,
+            "stress": float(np.mean(stresses)) if stresses else None,
+            "tokens": steps * batch_size * (int(tokens.shape[1]) - 1) if steps else 0,
+            "seconds": time.time() - started,
+        }
+        return self._commit("learn", dict(details or {}, steps=steps, batch_size=batch_size, distill_teachers=teachers,
+                                          distill_k=k), metrics)
+
     def learn_texts(self, texts: list[str], window: int = 64, details: dict | None = None) -> dict:
         """Learn from raw texts (one learning step per text), then commit one learn event.
 
@@ -413,7 +473,7 @@ def _tokenizer(tokenizer_json: str):
 
 
 def actor_name(checkpoint_dir: str) -> str:
-    """The ModelActor's name: one writer per checkpoint folder in a cluster."""
+    """Return the ModelActor's name, unique per checkpoint folder, so a cluster has one writer per folder."""
     import hashlib
 
     digest = hashlib.sha1(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:12]
@@ -422,7 +482,7 @@ def actor_name(checkpoint_dir: str) -> str:
 
 def remote_model_actor(checkpoint_dir: str, *, name: str | None = "", num_gpus: float | None = None,
                        num_cpus: float = 1.0, namespace: str | None = None, threads: int | None = None):
-    """Create (or get) the restartable ModelActor of a checkpoint folder; asks for a GPU when the cluster has one.
+    """Create (or get) the restartable ModelActor of a checkpoint folder, with a GPU when the cluster has one.
 
     The default name comes from the folder, so a second caller gets the same single writer;
     `name=None` makes an unnamed actor.

@@ -3,7 +3,7 @@
 The corpus is held as Arrow record batches of token windows. Every window has its own
 stress score, reported back by the ModelActor after each batch. Sampling draws windows with
 probability proportional to exp(z / temperature), where z is the window's standardised
-stress; windows not yet seen get a coverage bonus, so the whole corpus is visited.
+stress. Windows not yet seen get a coverage bonus, so the whole corpus is visited.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class StressSampler:
         self.temperature = float(temperature)
         self.coverage_bonus = float(coverage_bonus)
         self.rng = np.random.default_rng(seed)
-        logger.info("StressSampler holds %d windows of %d tokens", n, self.tokens.shape[1])
+        logger.info("StressSampler loaded %d windows of %d tokens", n, self.tokens.shape[1])
 
     @classmethod
     def from_corpus(cls, text_path: str, tokenizer_json: str, seq_len: int, **kwargs) -> "StressSampler":

@@ -1,6 +1,6 @@
 """TeacherActor: reads one teacher lazily and streams its aligned, projected package.
 
-The package header (vocabulary alignment, basis, token rows) comes first; the bands follow
+The package header (vocabulary alignment, basis, token rows) comes first. The bands follow
 one by one from a streaming generator, so the ModelActor can absorb band k while this actor
 still projects band k + 1.
 """
@@ -26,6 +26,7 @@ class TeacherActor:
         self._reader = None
         self._basis = None
         self._operators: list | None = None  # band operators in teacher space, from prepare()
+        self._scorer = None  # LocalTeacher or ApiTeacher, loaded by topk_targets()
 
     def _open(self):
         if self._reader is None:
@@ -46,10 +47,10 @@ class TeacherActor:
 
     def header(self, hidden_size: int, somi_tokenizer_json: str | None = None,
                somi_embedding: np.ndarray | None = None):
-        """The package without bands: vocabulary alignment, basis and token rows in SOMI's basis.
+        """Build the package without bands: vocabulary alignment, basis and token rows in SOMI's basis.
 
-        With no SOMI tokenizer, SOMI adopts this teacher's tokenizer; with no SOMI embedding,
-        this teacher defines SOMI's basis by PCA, otherwise it is rotated onto SOMI's.
+        With no SOMI tokenizer, SOMI adopts this teacher's tokenizer. With no SOMI embedding,
+        this teacher defines SOMI's basis by PCA. Otherwise it is rotated onto SOMI's basis.
         """
         from tokenizers import Tokenizer
 
@@ -109,15 +110,40 @@ class TeacherActor:
             yield band
 
     def bits_per_byte(self, texts: dict[str, str], max_bytes: int | None = 20_000, context: int = 256) -> dict:
-        """The teacher's own bits per byte on each text, through transformers (scoring only)."""
+        """Score the teacher itself on each text through transformers, in bits per byte."""
+        from transformers.utils import logging as transformers_logging
+
         from somi_ray.evaluate import load_teacher, score_teacher
 
+        transformers_logging.disable_progress_bar()  # one bar per tensor would flood the driver's log
         model, tokenizer = load_teacher(self.path)
         try:
             return {name: score_teacher(model, tokenizer, text, context=context, max_bytes=max_bytes).bpb
                     for name, text in texts.items()}
         finally:
             del model
+
+    def topk_targets(self, windows: np.ndarray, somi_tokenizer_json: str, k: int, cache_root: str) -> dict:
+        """Compute (or read from the cache) this teacher's top-k targets for SOMI windows (N, T+1).
+
+        The teacher tokenises each window's decoded text with its own tokenizer; the aligned
+        targets land in the cache under `cache_root`, where the ModelActor reads them, so they
+        survive a restart of this actor. Returns the TargetReport as a dict.
+        """
+        from tokenizers import Tokenizer
+
+        from somi_ray.distill import ApiTeacher, LocalTeacher, compute_targets
+
+        if self._scorer is None:
+            started = time.perf_counter()
+            if self.path.startswith(("http://", "https://")):
+                self._scorer = ApiTeacher(self.path)
+            else:
+                self._scorer = LocalTeacher(self.path)
+            logger.info("teacher %s loaded for top-k targets in %.1f s", self.path, time.perf_counter() - started)
+        report = compute_targets(self._scorer, self.path, np.asarray(windows), Tokenizer.from_str(somi_tokenizer_json),
+                                 cache_root, k)
+        return report.as_dict()
 
     def close(self) -> None:
         if self._reader is not None:

@@ -29,7 +29,7 @@ class AbsorbError(ValueError):
 
 @dataclass
 class AbsorbReport:
-    """What one absorption changed."""
+    """Summary of one absorption: strengths, rows, bands and alignment quality."""
 
     teacher: str
     mode: str
@@ -154,9 +154,9 @@ def absorb_package(
 ) -> AbsorbReport:
     """Absorb a whole package: rows, then every band whose Part exists.
 
-    `strength` is one blend factor in [0, 1] or a factor per Part; `row_strength` sets the
-    factor for embedding and decoder rows (default: the mean Part strength). The caller is
-    responsible for rollback: this function changes the model in place.
+    `strength` is one blend factor in [0, 1] or a factor per Part. `row_strength` sets the
+    factor for embedding and decoder rows (default: the mean Part strength). This function
+    changes the model in place, so the caller keeps a copy for rollback.
     """
     check_package(model, package)
     n_parts = len(model.parts)
