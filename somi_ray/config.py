@@ -148,6 +148,11 @@ class SomiConfig:
         self.local_lr = 0.05
         self.local_decay = 1e-3 * self.local_lr
 
+        # Mass sets the memory of the temporal field, which both the drive and the JEPA
+        # target read, and equilibrium propagation gives it no gradient. The per-step mass
+        # rule raised the JEPA error at every rate tried (0.01 and 0.001), so it is off.
+        self.mass_lr = 0.0
+
         # Tract rank grows with width, H / 8, between 2 and 64.
         self.tract_rank = int(min(max(math.ceil(H / 8), 2), 64))
 
