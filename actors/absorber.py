@@ -50,6 +50,12 @@ class AbsorbJob:
     n_parts: int = 2
     strength: float = 0.5  # base blend strength of teachers absorbed into an existing model
     mode: str = "blend"  # "blend" or "spectral"
+    absorb_from: str = "both"  # "weights", "outputs" (distil top-k next-token targets) or "both"
+    distill_k: int = 16  # teacher candidates kept per position
+    distill_windows: int = 512  # corpus windows that get teacher targets, evenly spaced
+    distill_weight: float = 1.0  # factor of the distillation term next to cross-entropy
+    target_cache: str | None = None  # cache folder of teacher targets; None: beside the checkpoint
+    curve: bool = False  # evaluate the held-out texts after every commit_every learning steps
     max_attempts: int = 3  # absorption attempts per teacher; each retry halves the strength
     bpb_tolerance: float = 0.02  # allowed relative rise of probe bpb after an absorption
     interference_tolerance: float = 0.02  # allowed relative rise on domains the teacher is not strong in
@@ -71,6 +77,9 @@ class JobReport:
     events: list[dict] = field(default_factory=list)  # one entry per absorption attempt and learning phase
     teachers: list[dict] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list] = field(default_factory=dict)  # label -> [(learning steps, {domain: bpb})]
+    targets: list[dict] = field(default_factory=list)  # one TargetReport per teacher (output-space absorption)
+    absorb_from: str = "both"
     checkpoint: str = ""
     version: int = 0
     learning_steps: int = 0
@@ -106,7 +115,13 @@ class _Stages:
 def _check_inputs(job: AbsorbJob) -> None:
     if not job.teachers:
         raise JobError("no teacher given; pass --teacher PATH (a .gguf file or a Hugging Face folder)")
+    if job.absorb_from not in ABSORB_FROM:
+        raise JobError(f"mode must be one of {ABSORB_FROM}, got {job.absorb_from!r}")
     for path in job.teachers:
+        if is_endpoint(path):
+            if job.absorb_from == "weights":
+                raise JobError(f"teacher {path} is an API endpoint, which has no weights; use --mode outputs or both")
+            continue
         if not Path(path).exists():
             raise JobError(f"teacher {path} does not exist; run scripts/setup.sh to fetch the real teachers "
                            "or pass an existing .gguf file or model folder")
@@ -124,6 +139,14 @@ def _check_inputs(job: AbsorbJob) -> None:
         raise JobError(f"strength must be in (0, 1], got {job.strength}")
     if job.max_attempts < 1:
         raise JobError(f"max_attempts must be at least 1, got {job.max_attempts}")
+
+
+ABSORB_FROM = ("weights", "outputs", "both")
+
+
+def is_endpoint(path: str) -> bool:
+    """True for a teacher given as the base URL of an OpenAI-compatible API."""
+    return str(path).startswith(("http://", "https://"))
 
 
 def _unwrap(error: Exception) -> Exception:
@@ -181,7 +204,9 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
         # on each other, and the ModelActor sets its own thread count.
         num_cpus = max(os.cpu_count() or 1, 4)
     ray = start_ray(RayOptions(address=job.address, num_cpus=num_cpus))
-    report = JobReport(checkpoint=str(Path(job.out).resolve()))
+    report = JobReport(checkpoint=str(Path(job.out).resolve()), absorb_from=job.absorb_from)
+    from_weights = job.absorb_from in ("weights", "both")
+    from_outputs = job.absorb_from in ("outputs", "both")
     stage = _Stages(report)
     threads = os.cpu_count() if embedded else None
 
@@ -190,6 +215,8 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
         teachers = [remote_teacher_actor(path) for path in job.teachers]
         infos = []
         for path, actor in zip(job.teachers, teachers):
+            if is_endpoint(path):
+                continue
             try:
                 infos.append(ray.get(actor.info.remote()))
             except Exception as error:  # a damaged teacher ends the job before anything is written
@@ -204,23 +231,27 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
     hidden = state["hidden_size"] if state["initialized"] else job.hidden_size
 
     # Extraction and the teachers' own scores run in the background from here on.
-    prepared = {path: actor.prepare.remote(n_parts) for path, actor in zip(job.teachers, teachers)}
+    local = [(path, actor) for path, actor in zip(job.teachers, teachers) if not is_endpoint(path)]
+    prepared = {path: actor.prepare.remote(n_parts) for path, actor in local} if from_weights else {}
     teacher_scores = {}
     if job.score_teachers:
-        teacher_scores = {path: actor.bits_per_byte.remote(texts, job.teacher_eval_bytes)
-                          for path, actor in zip(job.teachers, teachers)}
+        teacher_scores = {path: actor.bits_per_byte.remote(texts, job.teacher_eval_bytes) for path, actor in local}
 
     first_header = None
     if not state["initialized"]:
-        say("building SOMI's basis from the first teacher's embedding")
+        if is_endpoint(job.teachers[0]):
+            raise JobError(f"the first teacher defines a new model's tokenizer, but {job.teachers[0]} is an API "
+                           "endpoint; list a local teacher first or continue an existing checkpoint")
+        say("building SOMI's basis from the first teacher's embedding" if from_weights
+            else "adopting the first teacher's tokenizer (random initial weights, --mode outputs)")
         with stage("first teacher header"):
             try:
-                first_header = ray.get(teachers[0].header.remote(hidden))
+                first_header = ray.get(teachers[0].header.remote(hidden)) if from_weights else None
                 tokenizer_json = ray.get(teachers[0].tokenizer_json.remote())
             except Exception as error:
                 raise JobError(f"teacher {job.teachers[0]} could not be read: {_unwrap(error)}") from None
         state = ray.get(model.initialize.remote(tokenizer_json, hidden, n_parts, job.seed,
-                                                {"tokenizer_from": job.teachers[0]}))
+                                                {"tokenizer_from": job.teachers[0], "absorb_from": job.absorb_from}))
         say(f"created SOMI at {state['path']}: hidden {state['hidden_size']}, {state['n_parts']} Parts, "
             f"vocabulary {state['vocab_size']}")
     else:
@@ -255,6 +286,11 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
                     say(f"  could not score {path}: {_unwrap(error)}")
 
     order = _teacher_order(job.teachers, first_header is not None, somi_bpb, scores)
+    distill = None
+    if from_outputs:
+        with stage("teacher targets"):
+            distill = _teacher_targets(ray, job, teachers, tokenizer_json, corpus_text, tokenizer, somi_bpb, scores,
+                                       report, say)
     sampler = None
     learned_steps = 0
     for position, path in enumerate(order):
@@ -262,21 +298,23 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
         adoption = position == 0 and first_header is not None
         diff = knowledge_diff(somi_bpb, scores.get(path, {}))
         own_domains = [d for d, v in diff.items() if v > 0]
-        with stage("wait for extraction"):
-            try:
-                ray.get(prepared[path])
-            except Exception as error:
-                logger.warning("preparing %s failed (%s); its bands will be read on demand", path, _unwrap(error))
-        committed = _absorb_teacher(ray, job, model, actor, path, adoption, first_header if adoption else None,
-                                    tokenizer_json, texts, diff, own_domains, report, say, stage)
-        if committed:
-            somi_bpb = committed
+        if path in prepared:
+            with stage("wait for extraction"):
+                try:
+                    ray.get(prepared[path])
+                except Exception as error:
+                    logger.warning("preparing %s failed (%s); its bands will be read on demand", path, _unwrap(error))
+            committed = _absorb_teacher(ray, job, model, actor, path, adoption, first_header if adoption else None,
+                                        tokenizer_json, texts, diff, own_domains, report, say, stage)
+            if committed:
+                somi_bpb = committed
         last = position == len(order) - 1
         steps = job.steps if last else job.between_steps
         if steps > 0:
             sampler = sampler or _make_sampler(ray, corpus_text, tokenizer, job)
             with stage("learning"):
-                _learn(ray, model, sampler, steps, job, say, bar, label="learning")
+                _learn(ray, model, sampler, steps, job, say, bar, label="learning", distill=distill,
+                       report=report, texts=texts, first_step=learned_steps)
             learned_steps += steps
             somi_bpb = ray.get(model.evaluate.remote(texts, job.eval_bytes))
             report.add(f"SOMI after {learned_steps} learning steps", somi_bpb,
@@ -288,7 +326,8 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
         say(f"training SOMI from random initialisation for the same {learned_steps} steps")
         with stage("random-init baseline"):
             baseline_bpb = _random_baseline(ray, job, tokenizer_json, hidden, n_parts, corpus_text, tokenizer,
-                                            texts, learned_steps, threads, say, bar)
+                                            texts, learned_steps, threads, say, bar,
+                                            curve=report.curves.setdefault("random-init learning", []))
         report.add(f"SOMI random init, {learned_steps} learning steps", baseline_bpb)
 
     for path in job.teachers:
@@ -296,7 +335,8 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
             report.add(f"teacher {Path(path).name}", scores[path], scored_bytes=job.teacher_eval_bytes)
 
     final = ray.get(model.info.remote())
-    ray.get(model.record.remote("note", {"job": "absorb", "table": report.rows}, {}))
+    ray.get(model.record.remote("note", {"job": "absorb", "absorb_from": job.absorb_from, "table": report.rows,
+                                         "targets": report.targets}, {}))
     report.version = final["version"]
     report.seconds = time.time() - started
     for actor in teachers:
@@ -408,14 +448,61 @@ def _make_sampler(ray, corpus_text: str, tokenizer, job: AbsorbJob):
         _windows(corpus_text, tokenizer, job.seq_len), seed=job.seed)
 
 
-def _learn(ray, model, sampler, steps: int, job: AbsorbJob, say, bar, label: str) -> None:
+def _teacher_targets(ray, job: AbsorbJob, teachers, tokenizer_json: str, corpus_text: str, tokenizer,
+                     somi_bpb: dict, scores: dict, report: JobReport, say) -> list[dict]:
+    """Have every TeacherActor fill the target cache for up to job.distill_windows corpus windows.
+
+    Returns the teachers for `ModelActor.learn_distill`: cache key and weight. A teacher's weight
+    is its mean knowledge-diff advantage clipped to [0.1, 1], or 1 when it was not scored.
+    """
+    import numpy as np
+
+    from somi_ray.data import window_tokens
+    from somi_ray.distill import default_cache_root, teacher_key
+
+    cache_root = str(job.target_cache or default_cache_root(job.out))
+    windows = window_tokens(_windows(corpus_text, tokenizer, job.seq_len))
+    chosen = np.unique(np.linspace(0, len(windows) - 1, min(job.distill_windows, len(windows))).astype(np.int64))
+    # NOTE: with a corpus of more than distill_windows windows, the others learn from cross-entropy alone.
+    selected = np.ascontiguousarray(windows[chosen])
+    say(f"computing top-{job.distill_k} targets of {len(job.teachers)} teacher(s) on {len(selected)} windows "
+        f"(cache {cache_root})")
+    refs = [actor.topk_targets.remote(selected, tokenizer_json, job.distill_k, cache_root) for actor in teachers]
+    distill = []
+    for path, ref in zip(job.teachers, refs):
+        try:
+            result = ray.get(ref)
+        except Exception as error:
+            raise JobError(f"teacher {path} could not compute top-k targets: {_unwrap(error)}") from None
+        diff = knowledge_diff(somi_bpb, scores.get(path, {}))
+        weight = min(1.0, max(0.1, sum(diff.values()) / len(diff))) if diff else 1.0
+        result["weight"] = weight
+        report.targets.append(result)
+        distill.append({"key": teacher_key(path), "weight": weight * job.distill_weight, "teacher": path})
+        say(f"  {Path(path).name}: coverage {result['coverage']:.3f} of SOMI positions, "
+            f"{result['tokens_per_second']:.0f} teacher tokens/s, cache hit rate {result['hit_rate']:.2f}, "
+            f"weight {weight:.2f}")
+    return distill
+
+
+def _learn(ray, model, sampler, steps: int, job: AbsorbJob, say, bar, label: str, distill: list | None = None,
+           report: JobReport | None = None, texts: dict | None = None, first_step: int = 0) -> None:
+    """Learn in chunks of job.commit_every steps; with `distill`, through ModelActor.learn_distill."""
+    from somi_ray.distill import default_cache_root
+
+    cache_root = str(job.target_cache or default_cache_root(job.out))
     tracker = bar(steps, label) if bar else None
     done = 0
     restarts = 0
     while done < steps:
         chunk = min(job.commit_every, steps - done)
         try:
-            event = ray.get(model.learn.remote(sampler, chunk, job.batch_size, {"corpus": job.corpus}))
+            details = {"corpus": job.corpus, "absorb_from": job.absorb_from if distill is not None else "none"}
+            if distill:
+                event = ray.get(model.learn_distill.remote(sampler, chunk, job.batch_size, distill, cache_root,
+                                                           job.distill_k, details))
+            else:
+                event = ray.get(model.learn.remote(sampler, chunk, job.batch_size, details))
         except ray.exceptions.RayActorError as error:
             # Uncommitted steps of the chunk are lost with the actor; the chunk runs again.
             restarts += 1
@@ -428,12 +515,16 @@ def _learn(ray, model, sampler, steps: int, job: AbsorbJob, say, bar, label: str
         if tracker:
             tracker.update(chunk)
         say(f"  {label} step {done}/{steps}: loss {event_metric(event, 'loss'):.3f} nats/token")
+        if job.curve and report is not None and texts:
+            bpb = ray.get(model.evaluate.remote(texts, job.eval_bytes))
+            report.curves.setdefault(label, []).append((first_step + done, bpb))
+            say(f"  {label} step {first_step + done}: held-out bpb {bpb}")
     if tracker:
         tracker.close()
 
 
 def _random_baseline(ray, job: AbsorbJob, tokenizer_json: str, hidden: int, n_parts: int, corpus_text: str,
-                     tokenizer, texts: dict, steps: int, threads, say, bar) -> dict[str, float]:
+                     tokenizer, texts: dict, steps: int, threads, say, bar, curve: list | None = None) -> dict[str, float]:
     """SOMI of the same size from random initialisation, trained for `steps` on the same sampler settings."""
     import shutil
 
@@ -444,7 +535,10 @@ def _random_baseline(ray, job: AbsorbJob, tokenizer_json: str, hidden: int, n_pa
     baseline = remote_model_actor(folder, name=None, threads=threads)
     ray.get(baseline.initialize.remote(tokenizer_json, hidden, n_parts, job.seed, {"baseline": "random-init"}))
     sampler = _make_sampler(ray, corpus_text, tokenizer, job)
-    _learn(ray, baseline, sampler, steps, job, say, bar, label="random-init learning")
+    curves = JobReport()
+    _learn(ray, baseline, sampler, steps, job, say, bar, label="random-init learning", report=curves, texts=texts)
+    if curve is not None:
+        curve[:] = curves.curves.get("random-init learning", [])
     bpb = ray.get(baseline.evaluate.remote(texts, job.eval_bytes))
     ray.kill(baseline)
     ray.kill(sampler)

@@ -90,6 +90,8 @@ class CompletionRequest(_Strict):
     user: str | None = None
     learn: bool = False  # learn from the prompt before answering (needs a learn token when one is set)
     somi_select: Literal["fusion"] | None = None  # with n > 1, return only the candidate with the best fusion score
+    logprobs: int | None = Field(None, ge=0, le=20)  # top log-probabilities returned per token
+    echo: bool = False  # return the prompt with the completion (and its log-probabilities with `logprobs`)
 
 
 class ChatMessage(_Strict):
@@ -265,6 +267,48 @@ def score_completion(model, prompt_ids: list[int], completion_ids: list[int]) ->
         "settle_stability": float(sum(stabilities) / len(stabilities)),
         "consistency": float(sum(cosines) / len(cosines)),
     }
+
+
+def completion_logprobs(model, tokenizer, prompt: str, prompt_ids: list[int], completion_ids: list[int], k: int,
+                        echo: bool) -> dict:
+    """OpenAI's `logprobs` object of one completion: tokens, their log-probabilities, top-k and offsets.
+
+    One forward pass over prompt + completion scores every token with the model's unsampled
+    distribution. With `echo` the prompt's tokens come first; the very first one has no
+    log-probability, as in OpenAI's API. Offsets count characters of prompt + completion text.
+    """
+    import torch
+
+    ids = prompt_ids + completion_ids
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids], device=model.device))[0].float(), dim=-1)  # (L, V)
+    top_values, top_ids = torch.topk(logprobs, k, dim=-1) if k > 0 else (None, None)
+    offsets = [start for start, _ in tokenizer.encode(prompt).offsets]
+    text = prompt
+    for token in completion_ids:
+        offsets.append(len(text))
+        text += tokenizer.decode([token], skip_special_tokens=False)
+
+    first = 0 if echo else len(prompt_ids)
+    result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for position in range(first, len(ids)):
+        result["tokens"].append(tokenizer.decode([ids[position]], skip_special_tokens=False))
+        result["text_offset"].append(offsets[position] if position < len(offsets) else len(text))
+        if position == 0:
+            result["token_logprobs"].append(None)
+            result["top_logprobs"].append(None)
+            continue
+        result["token_logprobs"].append(float(logprobs[position - 1, ids[position]]))
+        top: dict[str, float] = {}
+        if k > 0:
+            for value, token in zip(top_values[position - 1].tolist(), top_ids[position - 1].tolist()):
+                string = tokenizer.decode([token], skip_special_tokens=False)
+                # Two ids can decode to the same string (for example partial UTF-8); their mass adds up.
+                previous = top.get(string)
+                top[string] = value if previous is None else max(previous, value) + math.log1p(
+                    math.exp(-abs(previous - value)))
+        result["top_logprobs"].append(top)
+    return result
 
 
 def fusion_score(mean_logprob: float, consistency: float, stability: float,
@@ -596,6 +640,9 @@ def _make_server_class():
             if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
                 raise ApiError(400, "'stop' takes up to 4 non-empty strings of at most 64 characters", "stop",
                                "invalid_field")
+            if getattr(body, "logprobs", None) is not None and body.stream:
+                raise ApiError(400, "'logprobs' is not supported with 'stream'; request it without streaming",
+                               "logprobs", "invalid_field")
             if body.somi_select and body.stream:
                 raise ApiError(400, "'somi_select' needs all candidates before answering, so it cannot be "
                                "combined with 'stream'", "somi_select", "invalid_field")
@@ -649,7 +696,13 @@ def _make_server_class():
             for position, i in enumerate(indices):
                 somi = dict(scores[i], fusion=fusion[i], version=version, candidate=i)
                 text = decoding.texts[i]
-                choice = {"index": position, "finish_reason": decoding.finish_reasons[i], "logprobs": None,
+                logprobs = None
+                if not chat and body.logprobs is not None:
+                    logprobs = await asyncio.to_thread(completion_logprobs, model, tokenizer, prompt, prompt_ids,
+                                                       decoding.tokens[i], body.logprobs, body.echo)
+                if not chat and body.echo:
+                    text = prompt + text
+                choice = {"index": position, "finish_reason": decoding.finish_reasons[i], "logprobs": logprobs,
                           "somi": somi}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": text}

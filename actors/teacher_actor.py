@@ -134,6 +134,9 @@ class TeacherActor:
 
         from somi_ray.distill import ApiTeacher, LocalTeacher, compute_targets
 
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # one bar per tensor would flood the driver's log
         if self._scorer is None:
             started = time.perf_counter()
             if self.path.startswith(("http://", "https://")):
@@ -141,8 +144,12 @@ class TeacherActor:
             else:
                 self._scorer = LocalTeacher(self.path)
             logger.info("teacher %s loaded for top-k targets in %.1f s", self.path, time.perf_counter() - started)
-        report = compute_targets(self._scorer, self.path, np.asarray(windows), Tokenizer.from_str(somi_tokenizer_json),
-                                 cache_root, k)
+        try:
+            report = compute_targets(self._scorer, self.path, np.asarray(windows),
+                                     Tokenizer.from_str(somi_tokenizer_json), cache_root, k)
+        finally:
+            # The loaded model is as large as the teacher in float32; the targets are in the cache now.
+            self._scorer = None
         return report.as_dict()
 
     def close(self) -> None:

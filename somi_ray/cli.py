@@ -53,7 +53,8 @@ def cmd_absorb(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seq_len=args.seq_len, hidden_size=args.hidden, n_parts=args.parts,
         between_steps=args.between_steps, max_attempts=args.max_attempts, bpb_tolerance=args.bpb_tolerance,
         interference_tolerance=args.interference_tolerance, random_baseline=args.random_baseline,
-        strength=args.strength, mode=args.absorb_mode, eval_bytes=args.eval_bytes or None,
+        strength=args.strength, mode=args.absorb_mode, absorb_from=args.mode, distill_k=args.top_k,
+        distill_windows=args.distill_windows, target_cache=args.target_cache, eval_bytes=args.eval_bytes or None,
         teacher_eval_bytes=args.teacher_eval_bytes or None, score_teachers=not args.no_teacher_scores,
         commit_every=args.commit_every, seed=args.seed, address=args.address, num_cpus=args.num_cpus,
     )
@@ -229,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="blend strength in [0, 1] for teachers absorbed into an existing model (default 0.5)")
     absorb.add_argument("--absorb-mode", choices=["blend", "spectral"], default="blend",
                         help="how band operators enter the Parts (default blend)")
+    absorb.add_argument("--mode", choices=["weights", "outputs", "both"], default="both",
+                        help="absorb through teacher weights, through their top-k next-token distributions "
+                             "(distillation; works for API endpoints too), or both (default both)")
+    absorb.add_argument("--top-k", type=int, default=16, help="teacher candidates kept per position (default 16)")
+    absorb.add_argument("--distill-windows", type=int, default=512,
+                        help="corpus windows that get teacher targets, evenly spaced (default 512)")
+    absorb.add_argument("--target-cache", help="folder of cached teacher targets (default: beside the checkpoint)")
     absorb.add_argument("--eval-bytes", type=int, default=60_000,
                         help="bytes of each held-out text scored for SOMI and baselines; 0 scores all")
     absorb.add_argument("--teacher-eval-bytes", type=int, default=20_000,
