@@ -314,7 +314,8 @@ class ModelActor:
 
     # ------------------------------------------------------------------ learning
 
-    def learn(self, sampler, steps: int, batch_size: int, details: dict | None = None) -> dict:
+    def learn(self, sampler, steps: int, batch_size: int, details: dict | None = None,
+              probes: dict[str, str] | None = None, eval_bytes: int | None = None) -> dict:
         """Learn from `steps` batches served by a StressSampler handle, then commit a learn event.
 
         After each batch the per-window stress goes back to the sampler, so its next
@@ -347,7 +348,12 @@ class ModelActor:
             "stress_loss_correlation": model.stress_loss_correlation(),
             "tokens": tokens_seen,
             "seconds": time.time() - started,
+            "hidden_size": model.config.hidden_size,
+            "n_parts": model.config.n_parts,
+            "parameters": model.parameter_count(),
         }
+        if probes:
+            metrics["bpb"] = self.evaluate(probes, max_bytes=eval_bytes)
         return self._commit("learn", dict(details or {}, steps=steps, batch_size=batch_size), metrics)
 
     def learn_distill(self, sampler, steps: int, batch_size: int, teachers: list[dict], cache_root: str,
