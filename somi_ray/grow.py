@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -180,3 +183,345 @@ def add_part(model: SomiModel, parent: int = 0, generator: torch.Generator | Non
     _recalibrate_keeping_modes(model)
     logger.info("added Part %d in System %d on route %s", new_part_index, new_system, route)
     return new_part_index
+
+
+def recalibrate_structure(model: SomiModel) -> None:
+    """Recompute the cascade after a structural change made outside this module (compression)."""
+    _recalibrate_keeping_modes(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Automatic growth
+
+
+@dataclass
+class GrowthPolicy:
+    """When and how far automatic growth may change a model."""
+
+    patience: int | None = None  # steps per stress window; None derives it from the cascade's structure interval
+    rise_sigmas: float = 3.0  # a window mean this many step-level standard deviations above the baseline is a rise
+    gain_sigmas: float = 1.0  # a growth pays when the next stable stress is this many sds below its trigger
+    part_sigmas: float = 3.0  # shared Part stress this many sds above the specialised Parts' adds a Part
+    growth_factor: float = 1.5  # H' = ceil(H * growth_factor), rounded up to a multiple of 8
+    max_hidden: int = 256  # H never grows beyond this
+    max_parts: int = 4  # P never grows beyond this
+    max_systems: int = 6  # Systems never grow beyond this
+    cooldown: int | None = None  # steps after any structural change before the next growth; None = patience
+    seed: int = 0  # seed of the random mask edges of new features and new Parts
+
+    def __post_init__(self) -> None:
+        if self.growth_factor <= 1.0:
+            raise ValueError(f"growth_factor must exceed 1, got {self.growth_factor}")
+        if self.patience is not None and self.patience < 2:
+            raise ValueError(f"patience must be at least 2 steps, got {self.patience}")
+
+
+def derived_patience(config, batch_tokens: int) -> int:
+    """Steps per stress window: the cascade's structure interval, rescaled to the real data rate.
+
+    The cascade derives `structure_interval` for `tokens_per_step` tokens per step, about
+    100k tokens between structure checks. A batch of another size gets as many steps as
+    cover the same number of tokens, and never fewer than 10.
+    """
+    tokens = config.structure_interval * config.tokens_per_step
+    return int(max(10, math.ceil(tokens / max(batch_tokens, 1))))
+
+
+@dataclass
+class StressLevel:
+    """Mean and step-level noise (standard deviation of one step's stress) over one window."""
+
+    mean: float
+    sd: float
+
+
+class StressTracker:
+    """Stress history of the current structure, read in windows of `patience` steps.
+
+    The last two windows tell whether stress still moves: it is stable when their means differ
+    by less than one step-level standard deviation, so the test means the same at any stress
+    scale. Stable windows become the baseline that rises and drops are measured against.
+    Noise is a robust estimate from step-to-step differences, so trends and single jumps
+    inside a window do not inflate it. `reset` starts a new history after a structural change.
+    """
+
+    def __init__(self, patience: int | None = None):
+        self.patience = patience
+        self.values: deque[float] = deque()
+        self.part_gaps: deque[float] = deque()  # shared Part stress minus the specialised Parts' mean
+        self.baseline: StressLevel | None = None
+        self.baseline_noise: list[float] = []  # noise of every window adopted as baseline since the last change
+        self.first: StressLevel | None = None  # first full window after the last structural change
+        self.reference: StressLevel | None = None  # stress that rises are measured against until a baseline exists
+        self.steps_since_change = 0
+
+    def configure(self, patience: int) -> None:
+        if self.patience is None:
+            self.patience = patience
+
+    def push(self, stress: float, per_part: dict[int, float] | None = None) -> None:
+        assert self.patience is not None, "call configure(patience) before push"
+        self.values.append(float(stress))
+        if per_part and len(per_part) > 1:
+            specialised = [value for part, value in per_part.items() if part != 0]
+            self.part_gaps.append(per_part[0] - sum(specialised) / len(specialised))
+        else:
+            self.part_gaps.clear()
+        while len(self.values) > 2 * self.patience:
+            self.values.popleft()
+        while len(self.part_gaps) > self.patience:
+            self.part_gaps.popleft()
+        self.steps_since_change += 1
+        if self.first is None and len(self.values) == self.patience:
+            self.first = self._window(0, self.patience)
+
+    def reset(self, reference: StressLevel | None = None) -> None:
+        """Start a new history; `reference` (the stress at the change) replaces the baseline until one exists."""
+        self.reference = reference or self.baseline or self.reference
+        self.values.clear()
+        self.part_gaps.clear()
+        self.baseline = None
+        self.baseline_noise = []
+        self.first = None
+        self.steps_since_change = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.patience is not None and len(self.values) >= 2 * self.patience
+
+    def _window(self, start: int, end: int) -> StressLevel:
+        values = np.asarray(self.values, dtype=np.float64)[start:end]
+        # Step-to-step differences remove the trend of a still-learning model, and their
+        # median absolute deviation (x 1.4826 for a normal sd, / sqrt(2) for a difference)
+        # ignores the one large difference of a step change inside the window.
+        differences = np.diff(values)
+        mad = np.median(np.abs(differences - np.median(differences)))
+        noise = float(1.4826 * mad / math.sqrt(2.0))
+        return StressLevel(float(values.mean()), noise)
+
+    def last(self) -> StressLevel:
+        return self._window(-self.patience, len(self.values))
+
+    def previous(self) -> StressLevel:
+        return self._window(-2 * self.patience, -self.patience)
+
+    def stable(self) -> bool:
+        """Return whether the last window's mean is within one step-level sd (the smaller of the two
+        windows') of the window before it."""
+        if not self.ready:
+            return False
+        last, previous = self.last(), self.previous()
+        return abs(last.mean - previous.mean) < min(last.sd, previous.sd)
+
+    def update_baseline(self, max_shift: float) -> bool:
+        """Adopt the last window as the baseline when stress is stable; return True when it did.
+
+        A later window replaces the baseline only when it is within `max_shift` sds of it, so
+        the baseline follows learning and drift, but a larger step up or down is acted on
+        rather than absorbed. The stability test keeps a step from creeping in: while a step
+        passes through the windows, their means differ and stress is not stable. The first
+        baseline after a change may sit any distance below the reference (the change paid off)
+        but at most `max_shift` sds above it.
+        """
+        if not self.stable():
+            return False
+        deviation = self.deviation()
+        if self.baseline is not None and abs(deviation) > max_shift:
+            return False
+        if self.baseline is None and deviation > max_shift:
+            return False
+        last = self.last()
+        # One window's noise estimate is rough, so the baseline's sd is the median over
+        # every window adopted at this structure.
+        self.baseline_noise.append(last.sd)
+        self.baseline = StressLevel(last.mean, float(np.median(self.baseline_noise)))
+        return True
+
+    def deviation(self) -> float:
+        """Last window's mean minus the baseline (or the reference) mean, in its step-level sds."""
+        reference = self.baseline or self.reference
+        if reference is None or not self.ready:
+            return 0.0
+        return (self.last().mean - reference.mean) / max(reference.sd, 1e-12)
+
+    def fall(self) -> float:
+        """Drop from the first window to the baseline, in baseline step-level sds (0 without both)."""
+        if self.first is None or self.baseline is None:
+            return 0.0
+        return (self.first.mean - self.baseline.mean) / max(self.baseline.sd, 1e-12)
+
+    def part_gap_sigmas(self) -> float:
+        """Mean gap between the shared Part's stress and the specialised Parts', in sds of the gap."""
+        if self.patience is None or len(self.part_gaps) < self.patience:
+            return 0.0
+        gaps = np.asarray(self.part_gaps, dtype=np.float64)
+        spread = float(gaps.std(ddof=1))
+        return float(gaps.mean()) / max(spread, 1e-12)
+
+
+GROWTH_KINDS = ("hidden", "part", "system")
+
+
+@dataclass
+class GrowthDecision:
+    """One growth that AutoGrow chose, before it is applied."""
+
+    kind: str  # one of GROWTH_KINDS
+    reason: str  # why, in words, with the numbers that decided it
+    new_hidden: int | None = None  # for kind "hidden"
+    parent_system: int = 0  # for kinds "part" and "system"
+    trigger: StressLevel | None = None  # stress of the window that asked for the growth
+
+
+class AutoGrow:
+    """Decide when a model needs more capacity, and grow it without changing its function.
+
+    The signal is the JEPA stress of every learning step, read in windows by a StressTracker.
+    After the cooldown since the last structural change, a growth happens when
+
+    - learning plateaued: stress fell by `rise_sigmas` step-level sds from the first window
+      after the last structural change and then became stable. This fires once per structure.
+      Stress that never fell, such as noise around one level, never grows the model, or
+    - stress rose: the last window's mean sits `rise_sigmas` step-level sds above the
+      baseline (the first stable stress at the current structure; until one exists, the
+      stress that triggered the last change), or
+    - the shared Part is overloaded: with specialised Parts, Part 0's stress sits
+      `part_sigmas` sds of the gap above their mean, so a new Part gets a route through Part 0.
+
+    A plateau or rise grows the first kind (hidden features, then a Part, then a System) that still pays.
+    Each growth is judged at the next stable stress: when it fell by less than `gain_sigmas`
+    sds from the level that triggered the growth, that kind stopped paying, and it is tried
+    again only when stress rises `rise_sigmas` sds above the level where it stopped paying.
+    So under noise around a stable level nothing grows, and growth stops once more capacity
+    no longer lowers the stress.
+    """
+
+    def __init__(self, policy: GrowthPolicy | None = None):
+        self.policy = policy or GrowthPolicy()
+        self.generator = torch.Generator().manual_seed(self.policy.seed)
+        self.last_change_step: int | None = None
+        self.saturated: dict[str, StressLevel] = {}  # growth kind -> stable stress where it stopped paying
+        self.pending: tuple[str, StressLevel] | None = None  # kind of the last growth and the stress that triggered it
+        self.plateau_seen = False  # whether the current structure already grew on a plateau
+
+    def cooldown(self, tracker: StressTracker) -> int:
+        return self.policy.cooldown if self.policy.cooldown is not None else int(tracker.patience)
+
+    def decide(self, model: SomiModel, tracker: StressTracker, step: int) -> GrowthDecision | None:
+        """Return the growth that the stress history calls for now, or None. Changes no model state."""
+        if self.last_change_step is not None and step - self.last_change_step < self.cooldown(tracker):
+            return None
+        if not tracker.ready:
+            return None
+        updated = tracker.update_baseline(self.policy.rise_sigmas)
+        if updated:
+            self._judge_last_growth(tracker.baseline)
+
+        level = tracker.last()
+        fall = tracker.fall()
+        if updated and not self.plateau_seen and fall > self.policy.rise_sigmas:
+            self.plateau_seen = True
+            reason = (f"stress fell {fall:.1f} sd to {level.mean:.4f} and stopped falling: "
+                      "the current size has learnt what it can")
+            return self._choose(model, level, reason)
+
+        rise = tracker.deviation()
+        if rise > self.policy.rise_sigmas:
+            reference = tracker.baseline or tracker.reference
+            reason = f"stress {level.mean:.4f} rose {rise:.1f} sd above its baseline {reference.mean:.4f}"
+            return self._choose(model, level, reason)
+
+        gap = tracker.part_gap_sigmas()
+        if gap > self.policy.part_sigmas and self._still_pays("part", level) and self._can_add_part(model):
+            return GrowthDecision("part", f"shared Part stress is {gap:.1f} sd above the specialised Parts'",
+                                  parent_system=self._busiest_system(model), trigger=level)
+        return None
+
+    def _judge_last_growth(self, level: StressLevel) -> None:
+        """Compare the stable stress after the last growth with the stress that triggered it."""
+        if self.pending is None:
+            return
+        kind, trigger = self.pending
+        self.pending = None
+        drop = trigger.mean - level.mean
+        needed = self.policy.gain_sigmas * max(trigger.sd, level.sd)
+        if drop < needed:
+            self.saturated[kind] = level
+            logger.info("growth of kind %s stopped paying: stress %.4f -> %.4f, needed a drop of %.4f",
+                        kind, trigger.mean, level.mean, needed)
+        else:
+            self.saturated.pop(kind, None)
+            logger.info("growth of kind %s paid: stress %.4f -> %.4f", kind, trigger.mean, level.mean)
+
+    def _still_pays(self, kind: str, level: StressLevel) -> bool:
+        stopped = self.saturated.get(kind)
+        return stopped is None or level.mean > stopped.mean + self.policy.rise_sigmas * stopped.sd
+
+    def _choose(self, model: SomiModel, level: StressLevel, reason: str) -> GrowthDecision | None:
+        """Choose the first growth kind that fits the size limits, kinds that never stopped paying first.
+
+        A kind that stopped paying comes back only after the others, and only when stress has
+        risen `rise_sigmas` sds above the level where it stopped paying.
+        """
+        fresh = [kind for kind in GROWTH_KINDS if kind not in self.saturated]
+        retried = [kind for kind in GROWTH_KINDS if kind in self.saturated and self._still_pays(kind, level)]
+        config = model.config
+        for kind in fresh + retried:
+            if kind == "hidden" and config.hidden_size < self.policy.max_hidden:
+                new_hidden = math.ceil(config.hidden_size * self.policy.growth_factor / 8) * 8
+                new_hidden = min(max(new_hidden, config.hidden_size + 1), self.policy.max_hidden)
+                return GrowthDecision("hidden", reason, new_hidden=new_hidden, trigger=level)
+            if kind == "part" and self._can_add_part(model):
+                return GrowthDecision("part", reason, parent_system=self._busiest_system(model), trigger=level)
+            if kind == "system" and self._routes_saturated(model):
+                return GrowthDecision("system", reason, parent_system=self._busiest_system(model), trigger=level)
+        return None
+
+    def _can_add_part(self, model: SomiModel) -> bool:
+        config = model.config
+        return config.n_parts < self.policy.max_parts and len(config.routes) < self.policy.max_systems
+
+    def _routes_saturated(self, model: SomiModel) -> bool:
+        """Return whether every System carries at least half of an equal share of the mix (none is idle)."""
+        n_systems = len(model.config.routes)
+        if n_systems >= self.policy.max_systems:
+            return False
+        weights = torch.softmax(model.system_logits.detach(), dim=0)
+        return bool((weights >= 0.5 / n_systems).all())
+
+    @staticmethod
+    def _busiest_system(model: SomiModel) -> int:
+        return int(torch.argmax(model.system_logits.detach()))
+
+    def apply(self, model: SomiModel, decision: GrowthDecision, tracker: StressTracker, step: int) -> dict:
+        """Apply a decision with the function-preserving operations; return what changed."""
+        before = structure_summary(model)
+        if decision.kind == "hidden":
+            grow_hidden(model, decision.new_hidden, self.generator)
+        elif decision.kind == "part":
+            add_part(model, decision.parent_system, self.generator)
+        elif decision.kind == "system":
+            add_system(model, decision.parent_system, self.generator)
+        else:
+            raise ValueError(f"unknown growth kind {decision.kind!r}; known kinds are {list(GROWTH_KINDS)}")
+
+        self.pending = (decision.kind, decision.trigger) if decision.trigger is not None else None
+        self.last_change_step = step
+        self.plateau_seen = False
+        tracker.reset(reference=decision.trigger)
+        after = structure_summary(model)
+        logger.info("auto-grow %s at step %d: %s; H %d -> %d, P %d -> %d, parameters %d -> %d",
+                    decision.kind, step, decision.reason, before["hidden_size"], after["hidden_size"],
+                    before["n_parts"], after["n_parts"], before["parameters"], after["parameters"])
+        return {"action": decision.kind, "reason": decision.reason, "before": before, "after": after}
+
+
+def structure_summary(model: SomiModel) -> dict:
+    """Sizes that every structural event reports."""
+    config = model.config
+    return {
+        "hidden_size": config.hidden_size,
+        "n_parts": config.n_parts,
+        "n_systems": len(config.routes),
+        "parameters": model.parameter_count(),
+    }
