@@ -1,0 +1,492 @@
+"""Compression of an over-provisioned model, with post-compression calibration and rollback.
+
+A compression removes what the model can afford to lose:
+
+- dark-matter features: heavy (high mass), poorly connected (low conductivity sum_j W_ij)
+  and barely read by the decoder (small decoder column norm);
+- spectrally redundant features: features of the decoder's input that the other features
+  predict almost exactly (a variance inflation test on a calibration batch);
+- low-stress edges: edges that local learning let decay far below their row's mean weight,
+  because equilibrium propagation strengthens only the edges that stress supports;
+- optionally, float precision of W: per-row int8 quantisation.
+
+The removed features' share of the logits is folded into the kept decoder columns by least
+squares. Then the norm gains (`final_gain`, every Part's `drive_gain`) and the decoder bias are
+refitted on a calibration batch to match the logits from before the compression. Everything
+happens on a copy, which replaces the model only when held-out bits per byte and the logit
+drift stay within tolerance, so a rejected compression leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from somi_ray.grow import StressTracker, recalibrate_structure, structure_summary
+from somi_ray.model import SomiModel
+from somi_ray.physics.laplacian import project_constraints
+
+logger = logging.getLogger(__name__)
+
+EvalFn = Callable[[SomiModel], float]  # model -> held-out bits per byte
+
+
+@dataclass
+class CompressionPolicy:
+    """When automatic compression triggers, what it may remove and what it must keep."""
+
+    low_sigmas: float = 3.0  # a window mean this many step-level sds below the baseline is sustained low stress
+    dark_sigmas: float = 1.5  # combined robust z-score above which a feature is dark matter
+    redundancy_r2: float = 0.98  # a feature the others predict with R^2 above this is redundant
+    max_remove_fraction: float = 0.25  # most features one compression removes, as a share of H
+    min_hidden: int = 16  # H never shrinks below this
+    edge_fraction: float = 0.05  # edges below this share of their row's mean edge weight are pruned
+    int8_weights: bool = False  # store W through per-row int8 quantisation
+    calibration_steps: int = 50  # Adam steps of the post-compression calibration
+    calibration_lr: float = 0.02  # Adam learning rate of the calibration
+    bpb_tolerance: float = 0.02  # relative rise of held-out bits per byte that rolls a compression back
+    drift_tolerance: float = 0.1  # mean KL (nats per token) from the old logits that rolls a compression back
+    cooldown: int | None = None  # steps after any structural change before the next compression; None = patience
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_remove_fraction < 1.0:
+            raise ValueError(f"max_remove_fraction must be in (0, 1), got {self.max_remove_fraction}")
+        if self.min_hidden < 3:
+            raise ValueError(f"min_hidden must be at least 3 (K needs H - 1 >= 2), got {self.min_hidden}")
+
+
+@dataclass
+class CompressionPlan:
+    """The features, edges and weight format that one compression changes."""
+
+    remove: list[int] = field(default_factory=list)  # feature indices to remove
+    reasons: dict[int, str] = field(default_factory=dict)  # feature -> "dark-matter" or "redundant"
+    prune_edges: bool = True
+    int8_weights: bool = False
+
+    def describe(self) -> dict:
+        dark = sorted(i for i, r in self.reasons.items() if r == "dark-matter")
+        redundant = sorted(i for i, r in self.reasons.items() if r == "redundant")
+        return {"dark_matter_features": dark, "redundant_features": redundant,
+                "prune_edges": self.prune_edges, "int8_weights": self.int8_weights}
+
+
+@dataclass
+class CompressionResult:
+    """Outcome of one compression attempt."""
+
+    accepted: bool
+    reason: str  # why it was kept or rolled back
+    details: dict  # what was done
+    metrics: dict  # what was measured before and after
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding what to remove
+
+
+def decoder_inputs(model: SomiModel, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (logits (B, T, V), decoder input (B*T, H)) of one eval-mode forward pass."""
+    captured: list[torch.Tensor] = []
+    handle = model.decoder.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(inputs)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return logits, captured[0].reshape(-1, captured[0].shape[-1])
+
+
+def _robust_z(values: torch.Tensor) -> torch.Tensor:
+    """(x - median) / (1.4826 MAD): a z-score that a few extreme features cannot inflate."""
+    median = values.median()
+    mad = (values - median).abs().median() * 1.4826
+    return (values - median) / mad.clamp_min(1e-12)
+
+
+def dark_matter_scores(model: SomiModel) -> torch.Tensor:
+    """Score (H,) per feature: high mass, low conductivity and a small decoder column all raise it.
+
+    Each signal is a robust z-score of its logarithm. The score is their mean, and it is
+    set to -inf where any signal points the other way, so only features that are dark in
+    all three respects qualify.
+    """
+    log_mass = torch.stack([part.mass.log() for part in model.parts]).mean(0)  # (H,)
+    conductivity = torch.stack([part.W.sum(1) for part in model.parts]).mean(0)  # (H,)
+    log_conductivity = conductivity.clamp_min(1e-8).log()
+    readout = model.decoder.weight.detach().norm(dim=0) * model.final_gain.detach().abs()  # (H,)
+    log_readout = readout.clamp_min(1e-12).log()
+
+    z_mass, z_cond, z_read = _robust_z(log_mass), _robust_z(log_conductivity), _robust_z(log_readout)
+    score = (z_mass - z_cond - z_read) / 3.0
+    agrees = (z_mass > 0) & (z_cond < 0) & (z_read < 0)
+    return torch.where(agrees, score, torch.full_like(score, -math.inf))
+
+
+def redundant_features(hidden: torch.Tensor, r2_threshold: float, limit: int,
+                       exclude: set[int] | None = None) -> list[int]:
+    """Greedily pick features of `hidden` (N, H) that the remaining ones predict with R^2 > threshold.
+
+    R^2 of feature j regressed on all others is 1 - 1 / (C^-1)_jj for the correlation matrix
+    C. The most predictable feature goes first, then R^2 is recomputed without it.
+    """
+    exclude = set(exclude or ())
+    kept = [j for j in range(hidden.shape[1]) if j not in exclude]
+    chosen: list[int] = []
+    x = hidden.double()
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12)
+    while len(chosen) < limit and len(kept) > 2:
+        corr = (x[:, kept].T @ x[:, kept]) / max(x.shape[0] - 1, 1)  # (k, k)
+        corr = corr + 1e-6 * torch.eye(len(kept), dtype=corr.dtype)
+        r2 = 1.0 - 1.0 / torch.linalg.inv(corr).diagonal()  # (k,)
+        best = int(torch.argmax(r2))
+        if float(r2[best]) <= r2_threshold:
+            break
+        chosen.append(kept.pop(best))
+    return chosen
+
+
+def plan_compression(model: SomiModel, inputs: torch.Tensor, policy: CompressionPolicy,
+                     strength: float = 1.0) -> CompressionPlan:
+    """Choose dark-matter and redundant features to remove, at most strength * max_remove_fraction of H."""
+    H = model.config.hidden_size
+    limit = min(int(H * policy.max_remove_fraction * strength), H - policy.min_hidden)
+    plan = CompressionPlan(prune_edges=policy.edge_fraction > 0, int8_weights=policy.int8_weights)
+    if limit <= 0:
+        return plan
+
+    scores = dark_matter_scores(model)
+    order = torch.argsort(scores, descending=True)
+    for feature in order.tolist():
+        if len(plan.remove) >= limit or not scores[feature] > policy.dark_sigmas:
+            break
+        plan.remove.append(feature)
+        plan.reasons[feature] = "dark-matter"
+
+    _, hidden = decoder_inputs(model, inputs)
+    for feature in redundant_features(hidden, policy.redundancy_r2, limit - len(plan.remove), set(plan.remove)):
+        plan.remove.append(feature)
+        plan.reasons[feature] = "redundant"
+    plan.remove.sort()
+    return plan
+
+
+def prunable_edges(model: SomiModel, fraction: float) -> int:
+    """Count the edges (i < j) below `fraction` of their rows' mean edge weight."""
+    return sum(int(_weak_edges(part.W, part.mask, fraction).sum()) // 2 for part in model.parts)
+
+
+def _weak_edges(W: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    edge_count = mask.sum(1).clamp_min(1)
+    row_mean = (W * mask).sum(1) / edge_count  # (H,)
+    threshold = fraction * torch.minimum(row_mean[:, None], row_mean[None, :])  # (H, H), symmetric
+    return mask & (W < threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression operations (in place, on the copy that compress() works on)
+
+
+@torch.no_grad()
+def shrink_hidden(model: SomiModel, keep: list[int], fold_from: torch.Tensor | None = None) -> None:
+    """Keep only features `keep` everywhere: embeddings, decoder, gains, every Part and tract.
+
+    With `fold_from` (the decoder input (N, H) on a calibration batch), the removed features'
+    contribution to the logits is regressed on the kept features and added to their decoder
+    columns and the bias, so the decoder keeps most of the signal it read before.
+    The model's norm width (config.norm_width) stays, as it is fixed at creation.
+    """
+    config = model.config
+    H = config.hidden_size
+    keep_index = torch.tensor(sorted(keep), dtype=torch.long, device=model.device)
+    removed = torch.tensor([i for i in range(H) if i not in set(keep)], dtype=torch.long, device=model.device)
+    assert len(keep_index) >= 3, f"shrinking to {len(keep_index)} features leaves too few (at least 3)"
+
+    decoder = model.decoder.weight.data  # (V, H)
+    bias = model.decoder.bias.data.clone()  # (V,)
+    new_decoder = decoder[:, keep_index].clone()  # (V, H')
+    if fold_from is not None and len(removed):
+        h = fold_from.double()
+        h_keep, h_removed = h[:, keep_index], h[:, removed]
+        mean_keep, mean_removed = h_keep.mean(0), h_removed.mean(0)
+        beta = torch.linalg.lstsq(h_keep - mean_keep, h_removed - mean_removed).solution  # (H', R)
+        offset = mean_removed - mean_keep @ beta  # (R,)
+        d_removed = decoder[:, removed].double()  # (V, R)
+        new_decoder += (d_removed @ beta.T).to(decoder.dtype)
+        bias += (d_removed @ offset).to(decoder.dtype)
+
+    model.embedding.weight = nn.Parameter(model.embedding.weight.data[:, keep_index].clone())
+    model.target_embedding = model.target_embedding[:, keep_index].clone()
+    model.decoder.weight = nn.Parameter(new_decoder)
+    model.decoder.bias = nn.Parameter(bias)
+    model.decoder.in_features = len(keep_index)
+    model.final_gain = nn.Parameter(model.final_gain.data[keep_index].clone())
+
+    for part in model.parts:
+        part.W = part.W[keep_index][:, keep_index].clone()
+        part.mask = part.mask[keep_index][:, keep_index].clone()
+        part.W = project_constraints(part.W, part.mask, config.degree_floor, config.degree_ceiling)
+        part.mass = part.mass[keep_index].clone()
+        part.precision = part.precision[keep_index].clone()
+        for name in ("output_gain", "drive_gain", "context_gain"):
+            setattr(part, name, nn.Parameter(getattr(part, name).data[keep_index].clone()))
+        part.invalidate()
+
+    for tract in model.tracts.values():
+        tract.down = nn.Parameter(tract.down.data[keep_index].clone())
+        tract.up = nn.Parameter(tract.up.data[keep_index].clone())
+
+    config.hidden_size = len(keep_index)
+    recalibrate_structure(model)
+    for part in model.parts:
+        # The eigen cache must keep fewer modes than the smaller H.
+        part.n_modes.fill_(min(int(part.n_modes), config.n_modes))
+        part.invalidate()
+
+
+@torch.no_grad()
+def prune_weak_edges(model: SomiModel, fraction: float) -> int:
+    """Remove edges below `fraction` of their rows' mean weight from W and its mask; return the count."""
+    config = model.config
+    pruned = 0
+    for part in model.parts:
+        weak = _weak_edges(part.W, part.mask, fraction)
+        pruned += int(weak.sum()) // 2
+        part.mask = part.mask & ~weak
+        part.W = project_constraints(part.W * part.mask, part.mask, config.degree_floor, config.degree_ceiling)
+        part.invalidate()
+    return pruned
+
+
+def quantize_rows(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 quantisation: (q (H, H) int8, scale (H,)) with W ~ q * scale[:, None]."""
+    scale = W.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (H,)
+    q = torch.round(W / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+@torch.no_grad()
+def quantize_connectivity(model: SomiModel) -> float:
+    """Replace every W by its int8 round trip; return the largest relative Frobenius error.
+
+    Per-row scales break W's symmetry by up to half a quantisation step, so the result is
+    projected back onto W's constraints (symmetric, non-negative, on the mask).
+    NOTE: checkpoints still store W as float32; this shows the effect of int8 storage on
+    the model's function, and a writer that stores (q, scale) is still to come.
+    """
+    config = model.config
+    worst = 0.0
+    for part in model.parts:
+        q, scale = quantize_rows(part.W)
+        restored = dequantize_rows(q, scale).to(part.W.dtype)
+        restored = project_constraints(restored, part.mask, config.degree_floor, config.degree_ceiling)
+        error = float((restored - part.W).norm() / part.W.norm().clamp_min(1e-12))
+        worst = max(worst, error)
+        part.W = restored
+        part.invalidate()
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration and the guarded compression
+
+
+def calibration_parameters(model: SomiModel) -> list[nn.Parameter]:
+    """Return the norm gains and the decoder bias, the parameters that post-compression calibration refits."""
+    return [model.final_gain, model.decoder.bias] + [part.drive_gain for part in model.parts]
+
+
+def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(reference || model) in nats."""
+    reference = F.log_softmax(reference_logits.flatten(0, -2).float(), dim=-1)
+    current = F.log_softmax(logits.flatten(0, -2).float(), dim=-1)
+    return F.kl_div(current, reference, log_target=True, reduction="batchmean")
+
+
+def calibrate(model: SomiModel, inputs: torch.Tensor, reference_logits: torch.Tensor,
+              steps: int, lr: float) -> tuple[float, float]:
+    """Refit the norm gains and the decoder bias so the logits of `inputs` match `reference_logits`.
+
+    Runs `steps` Adam steps on mean KL(reference || model) in eval mode with every other
+    parameter frozen. Returns (KL before, KL after) in nats per token.
+    """
+    params = calibration_parameters(model)
+    frozen = [p for p in model.parameters() if all(p is not q for q in params)]
+    saved = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    optimizer = torch.optim.Adam(params, lr=lr)
+    try:
+        with torch.no_grad():
+            before = float(mean_kl(reference_logits, model(inputs)))
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = mean_kl(reference_logits, model(inputs))
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            after = float(mean_kl(reference_logits, model(inputs)))
+    finally:
+        for p, flag in zip(frozen, saved):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return before, after
+
+
+def bits_per_token(model: SomiModel, batch: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of windows (B, T+1) in bits, in eval mode."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch[:, :-1])
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    model.train(was_training)
+    return float(nats) / math.log(2.0)
+
+
+def compress(model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, policy: CompressionPolicy,
+             eval_fn: EvalFn | None = None) -> CompressionResult:
+    """Apply a plan to a copy of the model, calibrate it and keep it only if it passes the guards.
+
+    `batch` (B, T+1) with B >= 2 is split: the first half calibrates, the second half measures
+    logit drift, and, without `eval_fn`, also the bits per token that stand in for held-out
+    bits per byte. On acceptance the model takes over the copy's state in place, so the caller
+    must rebuild its optimizer. On rejection the model is left exactly as it was.
+    """
+    assert batch.dim() == 2, f"compression needs a batch (B, T+1), got shape {tuple(batch.shape)}"
+    assert batch.shape[0] >= 2, f"compression needs at least 2 windows to split, got {batch.shape[0]}"
+    half = batch.shape[0] // 2
+    calibration, guard = batch[:half], batch[half:]
+    calibration_logits, hidden = decoder_inputs(model, calibration[:, :-1])
+    guard_logits, _ = decoder_inputs(model, guard[:, :-1])
+    before = structure_summary(model)
+    score_before = eval_fn(model) if eval_fn is not None else bits_per_token(model, guard)
+
+    candidate = copy.deepcopy(model)
+    details: dict = {"plan": plan.describe(), "features_removed": len(plan.remove)}
+    if plan.remove:
+        keep = [i for i in range(model.config.hidden_size) if i not in set(plan.remove)]
+        shrink_hidden(candidate, keep, fold_from=hidden)
+    if plan.prune_edges:
+        details["edges_pruned"] = prune_weak_edges(candidate, policy.edge_fraction)
+    if plan.int8_weights:
+        details["int8_relative_error"] = quantize_connectivity(candidate)
+    kl_raw, kl_calibrated = calibrate(candidate, calibration[:, :-1], calibration_logits,
+                                      policy.calibration_steps, policy.calibration_lr)
+
+    with torch.no_grad():
+        candidate.eval()
+        drift = float(mean_kl(guard_logits, candidate(guard[:, :-1])))
+    score_after = eval_fn(candidate) if eval_fn is not None else bits_per_token(candidate, guard)
+    after = structure_summary(candidate)
+    score_name = "bpb" if eval_fn is not None else "guard_bits_per_token"
+    metrics = {
+        "before": before, "after": after,
+        f"{score_name}_before": score_before, f"{score_name}_after": score_after,
+        "calibration_kl_before": kl_raw, "calibration_kl_after": kl_calibrated, "guard_kl": drift,
+    }
+
+    rise = (score_after - score_before) / max(abs(score_before), 1e-12)
+    # NOTE: Wilson-loop drift (somi_ray.integrity) is not checked here yet, so the KL drift
+    # of held-out logits is the only check on how far the function moved.
+    if rise > policy.bpb_tolerance:
+        reason = f"{score_name} rose {rise:.2%} (> {policy.bpb_tolerance:.2%}): rolled back"
+        accepted = False
+    elif drift > policy.drift_tolerance:
+        reason = f"logit drift {drift:.4f} nats > {policy.drift_tolerance}: rolled back"
+        accepted = False
+    else:
+        reason = f"{score_name} changed {rise:+.2%}, drift {drift:.4f} nats: kept"
+        accepted = True
+
+    if accepted:
+        adopt_state(model, candidate)
+    logger.info("compression %s: H %d -> %d, parameters %d -> %d, %s %.4f -> %.4f",
+                "kept" if accepted else "rolled back", before["hidden_size"], after["hidden_size"],
+                before["parameters"], after["parameters"], score_name, score_before, score_after)
+    return CompressionResult(accepted=accepted, reason=reason, details=details, metrics=metrics)
+
+
+def adopt_state(model: SomiModel, candidate: SomiModel) -> None:
+    """Make `model` the candidate in place, so callers holding `model` see the compressed one.
+
+    Modules keep their parameters, buffers, submodules and config in their `__dict__`. The
+    candidate is a deep copy of `model`, so taking over its `__dict__` moves all of it.
+    """
+    model.__dict__.update(candidate.__dict__)
+    model.invalidate_caches()
+
+
+# ---------------------------------------------------------------------------------------------
+# Automatic compression
+
+
+class AutoCompress:
+    """Decide when a model is over-provisioned and compress it behind the guards.
+
+    It triggers when the last window of stress sits `low_sigmas` step-level sds below the
+    baseline, and the model has something
+    to remove: dark-matter or redundant features, or weak edges. The baseline is the stable
+    stress adopted at the current structure. A rolled-back attempt halves the strength (the share of features removed) and
+    doubles the cooldown before the next one.
+    """
+
+    def __init__(self, policy: CompressionPolicy | None = None):
+        self.policy = policy or CompressionPolicy()
+        self.last_change_step: int | None = None
+        self.strength = 1.0
+        self.backoff = 1
+
+    def cooldown(self, tracker: StressTracker) -> int:
+        base = self.policy.cooldown if self.policy.cooldown is not None else int(tracker.patience)
+        return base * self.backoff
+
+    def decide(self, model: SomiModel, tracker: StressTracker, step: int, batch: torch.Tensor) -> CompressionPlan | None:
+        """Return a compression plan when stress has stayed low and there is something to remove."""
+        if self.last_change_step is not None and step - self.last_change_step < self.cooldown(tracker):
+            return None
+        if not tracker.ready:
+            return None
+        tracker.update_baseline(self.policy.low_sigmas)
+        # Only a baseline adopted at this structure counts: stress below the reference of
+        # the last change means that change paid off, not that the model is too large.
+        if tracker.baseline is None:
+            return None
+        drop = -tracker.deviation()
+        if drop < self.policy.low_sigmas:
+            return None
+
+        plan = plan_compression(model, batch[:, :-1], self.policy, self.strength)
+        weak = prunable_edges(model, self.policy.edge_fraction) if plan.prune_edges else 0
+        if not plan.remove and weak == 0 and not plan.int8_weights:
+            return None
+        return plan
+
+    def apply(self, model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, step: int,
+              eval_fn: EvalFn | None = None) -> CompressionResult:
+        result = compress(model, plan, batch, self.policy, eval_fn)
+        self.last_change_step = step
+        if result.accepted:
+            self.strength, self.backoff = 1.0, 1
+        else:
+            self.strength /= 2.0
+            self.backoff *= 2
+            logger.warning("compression at step %d rolled back (%s); next attempt at strength %.2f, cooldown x%d",
+                           step, result.reason, self.strength, self.backoff)
+        return result
