@@ -1,0 +1,159 @@
+"""Compression operations, calibration, the rollback guard and the AutoCompress trigger."""
+
+import numpy as np
+import torch
+
+from somi_ray.compress import (
+    AutoCompress,
+    CompressionPlan,
+    CompressionPolicy,
+    compress,
+    dark_matter_scores,
+    dequantize_rows,
+    plan_compression,
+    quantize_rows,
+    redundant_features,
+    shrink_hidden,
+)
+from somi_ray.config import SomiConfig
+from somi_ray.grow import StressTracker, grow_hidden
+from somi_ray.model import SomiModel
+
+
+def trained_model(hidden: int = 24, steps: int = 3, seed: int = 0) -> SomiModel:
+    torch.manual_seed(seed)
+    model = SomiModel(SomiConfig.from_scratch(), seed=seed)
+    optimizer = model.make_optimizer()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        model.learn_step(torch.randint(0, 256, (4, 17), generator=generator), optimizer)
+    if hidden > 16:
+        grow_hidden(model, hidden)
+    return model
+
+
+def batch(seed: int = 1, size: int = 8, width: int = 33) -> torch.Tensor:
+    return torch.randint(0, 256, (size, width), generator=torch.Generator().manual_seed(seed))
+
+
+def state_copy(model: SomiModel) -> dict:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_shrink_removes_features_everywhere():
+    model = trained_model(hidden=24)
+    keep = list(range(0, 24, 2)) + [1, 3, 5, 7]
+    shrink_hidden(model, keep)
+    H = len(keep)
+    assert model.config.hidden_size == H
+    assert model.embedding.weight.shape == (256, H)
+    assert model.decoder.weight.shape == (256, H)
+    assert model.parts[0].W.shape == (H, H)
+    assert model.config.norm_width == 16.0  # fixed at creation
+    assert torch.isfinite(model.eval()(batch()[:, :-1])).all()
+    optimizer = model.make_optimizer()
+    assert np.isfinite(model.learn_step(batch(), optimizer).loss)
+
+
+def test_removing_grown_features_restores_logits():
+    """Features added by growth are silent, so removing them gives back the original function."""
+    model = trained_model(hidden=16)
+    ids = batch()[:, :-1]
+    with torch.no_grad():
+        before = model.eval()(ids)
+    grow_hidden(model, 24)
+    shrink_hidden(model, list(range(16)))
+    with torch.no_grad():
+        after = model.eval()(ids)
+    assert (after - before).abs().max().item() < 1e-4
+
+
+def test_dark_matter_scores_find_planted_feature():
+    model = trained_model(hidden=24)
+    feature = 5
+    with torch.no_grad():
+        for part in model.parts:
+            part.mass[feature] = model.config.mass_max
+            part.W[feature, :] *= 1e-3
+            part.W[:, feature] *= 1e-3
+        model.decoder.weight[:, feature] *= 1e-3
+    scores = dark_matter_scores(model)
+    assert int(torch.argmax(scores)) == feature
+
+
+def test_redundant_features_find_copy():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(500, 6, generator=generator)
+    hidden[:, 4] = 0.7 * hidden[:, 1] - 0.2 * hidden[:, 2] + 1e-3 * torch.randn(500, generator=generator)
+    chosen = redundant_features(hidden, r2_threshold=0.98, limit=3)
+    assert len(chosen) == 1
+    assert chosen[0] in (1, 2, 4)
+
+
+def test_int8_round_trip_error_is_small():
+    W = torch.rand(32, 32)
+    q, scale = quantize_rows(W)
+    assert q.dtype == torch.int8
+    error = (dequantize_rows(q, scale) - W).abs().max() / W.abs().max()
+    assert error < 1 / 127
+
+
+def test_compression_within_tolerance_is_kept():
+    model = trained_model(hidden=24)
+    plan = CompressionPlan(remove=list(range(16, 24)), prune_edges=False)  # the silent grown features
+    policy = CompressionPolicy(calibration_steps=5)
+    result = compress(model, plan, batch(), policy)
+    assert result.accepted, result.reason
+    assert model.config.hidden_size == 16
+    assert result.metrics["after"]["parameters"] < result.metrics["before"]["parameters"]
+
+
+def test_compression_beyond_tolerance_rolls_back():
+    model = trained_model(hidden=24)
+    before = state_copy(model)
+    config_before = model.config.to_dict()
+    plan = CompressionPlan(remove=list(range(0, 8)), prune_edges=True, int8_weights=True)
+    policy = CompressionPolicy(calibration_steps=2, bpb_tolerance=0.0)
+
+    scores = iter([1.0, 1.5])  # held-out bits per byte before and after: a 50 % rise
+    result = compress(model, plan, batch(), policy, eval_fn=lambda m: next(scores))
+
+    assert not result.accepted
+    assert "rolled back" in result.reason
+    assert model.config.to_dict() == config_before
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+def test_calibration_lowers_kl():
+    model = trained_model(hidden=24)
+    plan = CompressionPlan(remove=list(range(0, 6)), prune_edges=False)
+    result = compress(model, plan, batch(), CompressionPolicy(calibration_steps=20, bpb_tolerance=10.0,
+                                                              drift_tolerance=10.0))
+    assert result.metrics["calibration_kl_after"] < result.metrics["calibration_kl_before"]
+
+
+def test_plan_respects_min_hidden():
+    model = trained_model(hidden=24)
+    plan = plan_compression(model, batch()[:, :-1], CompressionPolicy(min_hidden=22, dark_sigmas=-10.0,
+                                                                      redundancy_r2=0.0))
+    assert len(plan.remove) <= 2
+
+
+def test_auto_compress_waits_for_sustained_low_stress():
+    model = trained_model(hidden=24)
+    tracker = StressTracker(20)
+    compressor = AutoCompress(CompressionPolicy(redundancy_r2=0.0))  # every feature counts as redundant
+    rng = np.random.default_rng(0)
+    plans = []
+    values = np.concatenate([0.9 + 0.01 * rng.standard_normal(200), 0.8 + 0.01 * rng.standard_normal(60)])
+    for step, value in enumerate(values):
+        tracker.push(float(value))
+        plan = compressor.decide(model, tracker, step, batch())
+        if plan is not None:
+            plans.append(step)
+            break
+    assert plans
+    assert plans[0] >= 200
