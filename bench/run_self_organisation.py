@@ -1,0 +1,154 @@
+"""Long demonstration of self-organisation: growth on Shakespeare, compression on repeated text.
+
+    .venv/bin/python bench/run_self_organisation.py --out runs/self-organisation
+
+Phase 1 starts from SomiConfig.from_scratch() (H=16, P=1) and streams the Shakespeare
+training works in order, batch after batch, with automatic growth and compression on.
+Phase 2 feeds one act repeated many times, text the model can memorise, so its stress falls
+and compression may trigger. Held-out bits per byte is measured on the start of the
+held-out works every --eval-every steps and around every structural event.
+
+The tokenizer is byte-level (V=256, one token per UTF-8 byte), chosen for speed; bits per
+byte is then nats per token / ln 2. The run writes a checkpoint with its lineage to --out and
+prints hidden size, Parts, parameters and bits per byte over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from somi_ray import assets
+from somi_ray.config import SomiConfig
+from somi_ray.evaluate import bits_per_byte
+from somi_ray.lineage import Lineage, save_checkpoint
+from somi_ray.model import SomiModel
+from somi_ray.organize import SelfOrganizer, current_structure
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Build a `tokenizers` byte-level tokenizer whose token id is the byte value (0..255)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    codepoints = dict(zip(printable, printable))
+    extra = 0
+    for byte in range(256):
+        if byte not in codepoints:
+            codepoints[byte] = 256 + extra
+            extra += 1
+    vocab = {chr(codepoints[byte]): byte for byte in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def stream_batches(data: np.ndarray, batch_size: int, seq_len: int):
+    """Yield consecutive (B, T+1) windows that walk through `data` once, in order."""
+    step = batch_size * seq_len
+    for start in range(0, len(data) - step - 1, step):
+        rows = start + np.arange(batch_size)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+        yield torch.from_numpy(data[rows].astype(np.int64))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/self-organisation", help="folder for the checkpoint and lineage")
+    parser.add_argument("--grow-steps", type=int, default=1800, help="steps of phase 1 (Shakespeare stream)")
+    parser.add_argument("--compress-steps", type=int, default=900, help="steps of phase 2 (one act repeated)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64, help="positions per window, in bytes")
+    parser.add_argument("--eval-every", type=int, default=150, help="steps between held-out bits per byte reports")
+    parser.add_argument("--eval-bytes", type=int, default=6000, help="held-out bytes scored per report")
+    parser.add_argument("--minutes", type=float, default=14.0, help="wall-clock budget; phases are cut to fit")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.manual_seed(args.seed)
+    started = time.time()
+
+    tokenizer = byte_tokenizer()
+    train = assets.read_documents("shakespeare", "train")
+    heldout = assets.read_documents("shakespeare", "heldout")
+    stream = np.frombuffer("".join(text for _, text in train).encode("utf-8"), dtype=np.uint8)
+    heldout_text = heldout[0][1][: args.eval_bytes]
+    act_name, act_text = train[0][0], train[0][1]
+    act = act_text[len(act_text) // 3: len(act_text) // 3 + 16_000]  # about one act
+    repeated = np.frombuffer((act * 40).encode("utf-8"), dtype=np.uint8)
+
+    def held_out_bpb(model: SomiModel) -> float:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            result = bits_per_byte(model, tokenizer, heldout_text, context=128, batch_size=16)
+        model.train(was_training)
+        return result.bpb
+
+    model = SomiModel(SomiConfig.from_scratch(), seed=args.seed)
+    lineage = Lineage()
+    lineage.append("init", {"config": "from_scratch", "tokenizer": "byte-level, V=256"},
+                   {**current_structure(model), "bpb": held_out_bpb(model)})
+    organizer = SelfOrganizer.from_flags(auto_grow=True, auto_compress=True, eval_fn=held_out_bpb)
+    optimizer = model.make_optimizer()
+    out = Path(args.out)
+    history = []
+
+    print(f"{'phase':>8} {'step':>5} {'H':>4} {'P':>2} {'S':>2} {'params':>8} {'stress':>7} {'loss':>6} {'bpb':>6} {'min':>5}")
+
+    def report(phase: str, step: int, stress: float, loss: float) -> None:
+        sizes = current_structure(model)
+        bpb = held_out_bpb(model)
+        row = {"phase": phase, "step": step, **sizes, "stress": stress, "loss": loss, "bpb": bpb,
+               "minutes": (time.time() - started) / 60}
+        history.append(row)
+        print(f"{phase:>8} {step:>5} {sizes['hidden_size']:>4} {sizes['n_parts']:>2} {sizes['n_systems']:>2} "
+              f"{sizes['parameters']:>8} {stress:7.4f} {loss:6.3f} {bpb:6.3f} {row['minutes']:5.1f}", flush=True)
+
+    phases = [("grow", stream, args.grow_steps), ("compress", repeated, args.compress_steps)]
+    step = 0
+    budget = args.minutes * 60
+    for index, (phase, data, steps) in enumerate(phases):
+        phase_deadline = started + budget * (0.6 if index == 0 else 1.0)
+        recent_stress, recent_loss = [], []
+        for phase_step, batch in enumerate(stream_batches(data, args.batch_size, args.seq_len)):
+            if phase_step >= steps or time.time() > phase_deadline:
+                break
+            stats = model.learn_step(batch, optimizer)
+            recent_stress.append(stats.jepa_error)
+            recent_loss.append(stats.loss)
+            for event in organizer.after_step(model, stats, step, batch):
+                event["details"]["phase"] = phase
+                lineage.append(event["kind"], event["details"], event["metrics"])
+                metrics = event["metrics"]
+                print(f"  -> {event['kind']} at step {step}: {event['details'].get('action', '')} "
+                      f"{event['details']['reason']}; H {metrics['hidden_size_before']} -> {metrics['hidden_size_after']}, "
+                      f"P {metrics['n_parts_before']} -> {metrics['n_parts_after']}, parameters "
+                      f"{metrics['parameters_before']} -> {metrics['parameters_after']}, bpb "
+                      f"{metrics.get('bpb_before', float('nan')):.3f} -> {metrics.get('bpb_after', float('nan')):.3f}",
+                      flush=True)
+            if organizer.optimizer_stale:
+                optimizer = model.make_optimizer()
+                organizer.optimizer_stale = False
+            step += 1
+            if step % args.eval_every == 0:
+                report(phase, step, float(np.mean(recent_stress)), float(np.mean(recent_loss)))
+                recent_stress, recent_loss = [], []
+        lineage.append("learn", {"phase": phase, "corpus": "shakespeare train" if index == 0 else f"{act_name} act x40",
+                                 "steps": step}, {**current_structure(model), "bpb": held_out_bpb(model)})
+        save_checkpoint(out, model, tokenizer.to_str(), lineage)
+
+    (out.parent / f"{out.name}-history.json").write_text(json.dumps(history, indent=2) + "\n")
+    kinds = [event.kind for event in lineage]
+    print(f"done in {(time.time() - started) / 60:.1f} min: {kinds.count('grow')} growths, "
+          f"{kinds.count('compress')} compression attempts; checkpoint {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
