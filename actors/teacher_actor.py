@@ -26,7 +26,6 @@ class TeacherActor:
         self._reader = None
         self._basis = None
         self._operators: list | None = None  # band operators in teacher space, from prepare()
-        self._scorer = None  # LocalTeacher or ApiTeacher, loaded by topk_targets()
 
     def _open(self):
         if self._reader is None:
@@ -137,19 +136,17 @@ class TeacherActor:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one bar per tensor would flood the driver's log
-        if self._scorer is None:
+
+        def load():
             started = time.perf_counter()
-            if self.path.startswith(("http://", "https://")):
-                self._scorer = ApiTeacher(self.path)
-            else:
-                self._scorer = LocalTeacher(self.path)
+            scorer = ApiTeacher(self.path) if self.path.startswith(("http://", "https://")) else LocalTeacher(self.path)
             logger.info("teacher %s loaded for top-k targets in %.1f s", self.path, time.perf_counter() - started)
-        try:
-            report = compute_targets(self._scorer, self.path, np.asarray(windows),
-                                     Tokenizer.from_str(somi_tokenizer_json), cache_root, k)
-        finally:
-            # The loaded model is as large as the teacher in float32; the targets are in the cache now.
-            self._scorer = None
+            return scorer
+
+        # The model is loaded only on a cache miss and dropped on return, because in float32 it is
+        # as large as the teacher and the targets are in the cache by then.
+        report = compute_targets(load, self.path, np.asarray(windows), Tokenizer.from_str(somi_tokenizer_json),
+                                 cache_root, k)
         return report.as_dict()
 
     def close(self) -> None:

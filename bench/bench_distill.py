@@ -78,12 +78,16 @@ def main() -> None:
         results.append(run(mode, args, corpus, heldout, teachers, random_baseline=mode == "weights"))
         (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    print("\nheld-out Shakespeare bits per byte by learning step")
+    print("\nheld-out Shakespeare bits per byte by learning step (step 0: before learning)")
     curves = {}
     for result in results:
+        rows = [row for row in result["report"]["rows"] if row["name"].startswith("SOMI ")]
+        untrained = rows[0]["bpb"]  # "SOMI before absorbing": the random initial model of every run
+        before_learning = [row for row in rows if "learning steps" not in row["name"]][-1]["bpb"]
         for label, curve in result["report"]["curves"].items():
-            name = "random init" if label.startswith("random") else f"--mode {result['mode']}"
-            curves[name] = curve
+            random_init = label.startswith("random")
+            name = "random init" if random_init else f"--mode {result['mode']}"
+            curves[name] = [(0, untrained if random_init else before_learning), *curve]
     for name, curve in curves.items():
         print(f"  {name:<16} " + "  ".join(f"{steps}: {bpb['shakespeare']:.4f}" for steps, bpb in curve))
 

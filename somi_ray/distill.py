@@ -415,13 +415,19 @@ class TargetReport:
 
 def compute_targets(teacher, source: str, windows: np.ndarray, somi_tokenizer, cache_root: str | Path,
                     k: int = DEFAULT_TOP_K, batch_size: int = 8) -> TargetReport:
-    """Targets of `teacher` for every window (N, T+1) of SOMI ids, computed on a cache miss only."""
+    """Targets of `teacher` for every window (N, T+1) of SOMI ids, computed on a cache miss only.
+
+    `teacher` has `predict(texts, k)`, or is a function that returns such an object. The
+    function is called only when a window misses the cache, so a fully cached run loads no model.
+    """
     vocab = SomiVocab(somi_tokenizer)
     cache = TargetCache(cache_root, teacher_key(source), vocab.hash, k)
     report = TargetReport(teacher=source, windows=len(windows))
     keys = [window_key(row) for row in windows]
     missing = [i for i, key in enumerate(keys) if cache.get(key) is None]
     started = time.perf_counter()
+    if missing and not hasattr(teacher, "predict"):
+        teacher = teacher()
     for first in range(0, len(missing), batch_size):
         chunk = missing[first:first + batch_size]
         texts = [vocab.window_text(windows[i]) for i in chunk]

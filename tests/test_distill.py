@@ -181,7 +181,11 @@ def test_cache_reused_after_restart(tmp_path):
 
     first = compute_targets(teacher, source, windows, somi, tmp_path / "cache", k=4)
     calls = len(model.rows)
-    second = compute_targets(teacher, source, windows, somi, tmp_path / "cache", k=4)
+
+    def no_model():
+        raise AssertionError("a fully cached run must not load the teacher")
+
+    second = compute_targets(no_model, source, windows, somi, tmp_path / "cache", k=4)
     assert first.computed == 8
     assert first.hit_rate == 0.0
     assert second.computed == 0
