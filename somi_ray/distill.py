@@ -2,7 +2,7 @@
 
 A SOMI window is a row of SOMI token ids. Its text is the concatenation of the tokens'
 canonical strings, so every SOMI token has a character span in that text. A teacher tokenises
-the same text with its own tokenizer and predicts each of its own tokens; a prediction covers
+the same text with its own tokenizer and predicts each of its own tokens. A prediction covers
 the characters of the token it predicts.
 
 Alignment of SOMI position t (which predicts SOMI token t+1, starting at character c):
@@ -130,8 +130,8 @@ class WindowTargets:
 def prediction_spans(tokens: list[str], ends: list[int]) -> list[int]:
     """Character start of each predicted token's canonical string: its offset end minus its length.
 
-    A SentencePiece token such as "▁the" carries a space that its offsets may leave out; counting
-    back from the end places that space where SOMI's own token " the" starts.
+    A SentencePiece token such as "▁the" carries a space that its offsets may leave out. Counting
+    back from the end puts that space where SOMI's own token " the" starts.
     """
     return [end - len(token) for token, end in zip(tokens, ends)]
 

@@ -303,6 +303,7 @@ def served_teacher(ray_session):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_served_logprobs_echo(served_teacher):
     url, tokenizer, _ = served_teacher
     prompt = TEXT[:120]
@@ -318,7 +319,6 @@ def test_served_logprobs_echo(served_teacher):
 @pytest.mark.slow
 def test_absorb_outputs_from_served_teacher(served_teacher):
     from actors.absorber import AbsorbJob, run_absorb_job
-    from tests.teacher_fixtures import write_somi_checkpoint  # noqa: F401 (fixtures module imports stay cheap)
 
     url, _, temp = served_teacher
     corpus = os.path.join(temp, "corpus.txt")
