@@ -291,6 +291,9 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
         with stage("teacher targets"):
             distill = _teacher_targets(ray, job, teachers, tokenizer_json, corpus_text, tokenizer, somi_bpb, scores,
                                        report, say)
+        for path, actor in zip(job.teachers, teachers):
+            if is_endpoint(path) or not from_weights:
+                ray.kill(actor)  # its targets are in the cache and it has no weights to absorb, so its CPU is freed
     sampler = None
     learned_steps = 0
     for position, path in enumerate(order):
