@@ -24,7 +24,9 @@ def ray_session():
 
     # A short path: Ray's Unix sockets live under it and are limited to 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="sr-", dir="/tmp")
-    ray = start_ray(RayOptions(num_cpus=2, temp_dir=temp_dir, object_store_mb=256))
+    # Logical CPUs, not cores: tests run a ModelActor, TeacherActors, a sampler and Serve
+    # replicas side by side, and most of them wait on each other.
+    ray = start_ray(RayOptions(num_cpus=8, temp_dir=temp_dir, object_store_mb=256))
     yield ray
     stop_ray()
     shutil.rmtree(temp_dir, ignore_errors=True)
