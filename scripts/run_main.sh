@@ -26,7 +26,7 @@ exec "$repo/.venv/bin/somi-ray" absorb \
     --probe "shakespeare=$cache/corpora/shakespeare/heldout.txt" \
     --probe "python-docs=$cache/corpora/python-docs/heldout.txt" \
     --out "$out" \
-    --steps "${STEPS:-150}" --random-baseline \
+    --steps "${STEPS:-150}" --between-steps 25 --random-baseline \
     --hidden 128 --parts 2 --batch-size 8 --seq-len 128 \
     --eval-bytes 30000 --teacher-eval-bytes 8000 \
     --json "$out.json" \
