@@ -160,6 +160,8 @@ def align_window(window: WindowText, predictions: TeacherPredictions, vocab: Som
             total += math.exp(logprob)
             if len(string) <= len(known) or not string.startswith(known):
                 continue
+            # NOTE: a remainder that is a proper prefix of longer SOMI tokens keeps all its mass on the
+            # SOMI token of exactly that string; the share of the longer tokens is not split off.
             somi_id = vocab.lookup(string[len(known):])
             if somi_id < 0:
                 continue
@@ -300,6 +302,7 @@ class ApiTeacher:
 def teacher_key(source: str) -> str:
     """Cache key of a teacher: its resolved path with the size and mtime of its files, or its URL."""
     if source.startswith(("http://", "https://")):
+        # NOTE: an endpoint whose model keeps learning changes its outputs under the same key.
         return "api-" + hashlib.sha256(source.encode()).hexdigest()[:16]
     path = Path(source).resolve()
     files = sorted(path.iterdir()) if path.is_dir() else [path]
