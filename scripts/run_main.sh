@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The main job: set up everything, then absorb the three real teachers (SmolLM2, Gemma 3 270M,
 # Qwen2.5-Coder 0.5B) in parallel TeacherActors into a new SOMI model on an embedded
-# loopback-only Ray, learn from the Shakespeare training works, and report bits per byte on
+# loopback-only Ray, through their weights and their next-token outputs (64 cached windows per
+# teacher), learn from the Shakespeare training works, and report bits per byte on
 # held-out Shakespeare and Python documentation after each event, next to a unigram baseline,
 # SOMI from random initialisation trained for the same steps, and the teachers themselves.
 #
 # Usage: bash scripts/run_main.sh [extra somi-ray absorb options]
-# Environment: OUT (checkpoint folder, default runs/main), STEPS (learning steps, default 150).
+# Environment: OUT (checkpoint folder, default runs/main), STEPS (learning steps after the last
+# teacher, default 120).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +28,8 @@ exec "$repo/.venv/bin/somi-ray" absorb \
     --probe "shakespeare=$cache/corpora/shakespeare/heldout.txt" \
     --probe "python-docs=$cache/corpora/python-docs/heldout.txt" \
     --out "$out" \
-    --steps "${STEPS:-150}" --between-steps 25 --random-baseline \
+    --mode both --distill-windows 64 \
+    --steps "${STEPS:-120}" --between-steps 20 --random-baseline \
     --hidden 128 --parts 2 --batch-size 8 --seq-len 128 \
     --eval-bytes 30000 --teacher-eval-bytes 8000 \
     --json "$out.json" \
