@@ -8,4 +8,6 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup.sh"
 cd "$repo"
+# The real-teacher tests find the fetched GGUF files through these variables.
+eval "$("$repo/.venv/bin/python" -m somi_ray.assets paths --env)"
 exec "$repo/.venv/bin/python" -m pytest -q "$@"
