@@ -1,8 +1,8 @@
 """Teacher extraction in parallel against one after another, on the same embedded Ray cluster.
 
-Prints, measured in one run: the wall time of extracting the three real teachers (band
-operators of every layer plus the package header) with one TeacherActor each running at once,
-against the same work done teacher after teacher, and the ratio. With --report FILE (the
+Prints, measured in one run, the wall time of extracting the three real teachers with one
+TeacherActor each running at once, against the same work done teacher after teacher, and the
+ratio. Extraction means the band operators of every layer plus the package header. With --report FILE (the
 JSON of `somi-ray absorb --json`), it also prints the time of each stage of that job.
 
     .venv/bin/python bench/bench_absorb.py [--parts 2] [--hidden 128] [--report runs/main.json]

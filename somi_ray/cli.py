@@ -135,7 +135,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def _load_tokenizer(path: str):
-    """A tokenizer from a tokenizer.json file, or from a teacher (GGUF file or model folder)."""
+    """Load a tokenizer from a tokenizer.json file, or from a teacher (GGUF file or model folder)."""
     from tokenizers import Tokenizer
 
     p = Path(path)
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_register(module_name: str):
-    """The `register_cli` of a command module; modules import their heavy parts lazily."""
+    """Return the `register_cli` of a command module, or None when the module is not installed."""
     import importlib
 
     try:

@@ -26,7 +26,7 @@ class LearnOptions:
 
 
 def _organizer(options: LearnOptions):
-    """The self-organisation controller, or None when both automatic changes are off."""
+    """Return the self-organisation controller, or None when both automatic changes are off."""
     if not (options.auto_grow or options.auto_compress):
         return None
     try:

@@ -160,9 +160,9 @@ class Checkpoint:
 def save_checkpoint(path: str | Path, model, tokenizer_json: str, lineage: Lineage) -> Path:
     """Write the checkpoint atomically: stage everything, then swap the folder in.
 
-    A crash at any point leaves either the previous checkpoint or the new one; a crash
+    A crash at any point leaves either the previous checkpoint or the new one. A crash
     between the two renames leaves the previous one under a `.old-` name, which
-    `load_checkpoint` finds.
+    `load_checkpoint` finds and restores.
     """
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     lineage = Lineage.from_table(pq.read_table(folder / LINEAGE_FILE))
     if lineage.version != manifest.get("version"):
         raise CheckpointError(
-            f"checkpoint {folder}: lineage ends at version {lineage.version} but the manifest says {manifest.get('version')}"
+            f"checkpoint {folder}: lineage ends at version {lineage.version} but the manifest records {manifest.get('version')}"
         )
     return Checkpoint(model=model, tokenizer_json=(folder / TOKENIZER_FILE).read_text(), lineage=lineage, path=folder)
 
