@@ -53,24 +53,12 @@ class TeacherActor:
         """
         from tokenizers import Tokenizer
 
-        from somi_ray.teachers import TeacherPackage, align_vocab, fit_basis
-        from somi_ray.teachers.vocab import identity_alignment
+        from somi_ray.teachers.build import build_header
 
-        started = time.perf_counter()
-        reader = self._open()
-        if somi_tokenizer_json is None:
-            vocab = identity_alignment(reader.info.tokenizer_size)
-        else:
-            vocab = align_vocab(reader.tokenizer, Tokenizer.from_str(somi_tokenizer_json))
-        basis = fit_basis(reader, vocab, hidden_size, somi_embedding)
-        self._basis = basis
-        embedding = (reader.embedding(vocab.teacher_ids) @ basis.q).astype(np.float32)
-        if reader.info.tied_embeddings:
-            head = embedding
-        else:
-            head = (reader.head(vocab.teacher_ids) @ basis.q).astype(np.float32)
-        return TeacherPackage(info=reader.info, vocab=vocab, basis=basis, embedding=embedding, head=head,
-                              bands=[], seconds=time.perf_counter() - started)
+        somi_tokenizer = Tokenizer.from_str(somi_tokenizer_json) if somi_tokenizer_json is not None else None
+        header = build_header(self._open(), somi_tokenizer, hidden_size, somi_embedding=somi_embedding)
+        self._basis = header.basis
+        return header
 
     def prepare(self, n_parts: int) -> dict:
         """Dequantise every layer and keep each band's operator in the teacher's own space.

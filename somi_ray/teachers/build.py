@@ -21,6 +21,49 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
+def build_header(reader: TeacherReader, somi_tokenizer, hidden_size: int, *,
+                 somi_embedding: np.ndarray | None = None, progress: Progress | None = None) -> TeacherPackage:
+    """Align one teacher's vocabulary and basis; return the package without bands.
+
+    The token rows (embedding and head) are in SOMI's basis. The arguments mean what they
+    mean for `build_package`.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+    report("vocabulary", 0, 1)
+    if somi_tokenizer is None:
+        vocab = identity_alignment(reader.info.tokenizer_size)
+    else:
+        vocab = align_vocab(reader.tokenizer, somi_tokenizer)
+    if len(vocab.somi_ids) == 0:
+        raise TeacherError(reader.path, "vocabulary", "teacher shares no token with SOMI's tokenizer",
+                           "absorb it with its own tokenizer or pick a teacher with a related vocabulary")
+    report("vocabulary", 1, 1)
+
+    report("basis", 0, 1)
+    if somi_embedding is None:
+        full = reader.embedding()  # (tokenizer_size, N); padding rows already dropped
+        basis = pca_basis(full, hidden_size)
+        rows = full[vocab.teacher_ids]
+        del full
+    else:
+        somi_embedding = np.asarray(somi_embedding, dtype=np.float32)
+        if somi_embedding.ndim != 2 or somi_embedding.shape[1] != hidden_size:
+            raise ValueError(f"somi_embedding must be (V_somi, {hidden_size}), got {somi_embedding.shape}")
+        if vocab.somi_ids.max() >= len(somi_embedding):
+            raise ValueError(f"SOMI token id {int(vocab.somi_ids.max())} is outside somi_embedding with "
+                             f"{len(somi_embedding)} rows; pass the embedding that belongs to somi_tokenizer")
+        rows = reader.embedding(vocab.teacher_ids)  # (n_shared, N)
+        basis = procrustes_basis(rows, somi_embedding[vocab.somi_ids])
+    embedding = (rows @ basis.q).astype(np.float32)  # (n_shared, H)
+    del rows
+    head = embedding if reader.info.tied_embeddings else (reader.head(vocab.teacher_ids) @ basis.q).astype(
+        np.float32)
+    report("basis", 1, 1)
+    return TeacherPackage(info=reader.info, vocab=vocab, basis=basis, embedding=embedding, head=head,
+                          bands=[], seconds=time.perf_counter() - started)
+
+
 def build_package(path_or_reader, somi_tokenizer, hidden_size: int, n_parts: int, *,
                   somi_embedding: np.ndarray | None = None, progress: Progress | None = None,
                   sparsity: int | None = None) -> TeacherPackage:
@@ -36,47 +79,17 @@ def build_package(path_or_reader, somi_tokenizer, hidden_size: int, n_parts: int
     reader: TeacherReader = open_teacher(path_or_reader) if owns_reader else path_or_reader
     report = progress or (lambda stage, done, total: None)
     try:
-        report("vocabulary", 0, 1)
-        if somi_tokenizer is None:
-            vocab = identity_alignment(reader.info.tokenizer_size)
-        else:
-            vocab = align_vocab(reader.tokenizer, somi_tokenizer)
-        if len(vocab.somi_ids) == 0:
-            raise TeacherError(reader.path, "vocabulary", "teacher shares no token with SOMI's tokenizer",
-                               "absorb it with its own tokenizer or pick a teacher with a related vocabulary")
-        report("vocabulary", 1, 1)
+        package = build_header(reader, somi_tokenizer, hidden_size, somi_embedding=somi_embedding,
+                               progress=progress)
 
-        report("basis", 0, 1)
-        if somi_embedding is None:
-            full = reader.embedding()  # (tokenizer_size, N); padding rows already dropped
-            basis = pca_basis(full, hidden_size)
-            rows = full[vocab.teacher_ids]
-            del full
-        else:
-            somi_embedding = np.asarray(somi_embedding, dtype=np.float32)
-            if somi_embedding.ndim != 2 or somi_embedding.shape[1] != hidden_size:
-                raise ValueError(f"somi_embedding must be (V_somi, {hidden_size}), got {somi_embedding.shape}")
-            if vocab.somi_ids.max() >= len(somi_embedding):
-                raise ValueError(f"SOMI token id {int(vocab.somi_ids.max())} is outside somi_embedding with "
-                                 f"{len(somi_embedding)} rows; pass the embedding that belongs to somi_tokenizer")
-            rows = reader.embedding(vocab.teacher_ids)  # (n_shared, N)
-            basis = procrustes_basis(rows, somi_embedding[vocab.somi_ids])
-        embedding = (rows @ basis.q).astype(np.float32)  # (n_shared, H)
-        del rows
-        head = embedding if reader.info.tied_embeddings else (reader.head(vocab.teacher_ids) @ basis.q).astype(
-            np.float32)
-        report("basis", 1, 1)
-
-        bands = []
         report("bands", 0, n_parts)
-        for band in iter_bands(reader, basis, n_parts, sparsity=sparsity):
-            bands.append(band)
-            report("bands", len(bands), n_parts)
+        for band in iter_bands(reader, package.basis, n_parts, sparsity=sparsity):
+            package.bands.append(band)
+            report("bands", len(package.bands), n_parts)
 
-        package = TeacherPackage(info=reader.info, vocab=vocab, basis=basis, embedding=embedding, head=head,
-                                 bands=bands, seconds=time.perf_counter() - started)
+        package.seconds = time.perf_counter() - started
         log.info("built package of %s: coverage %.3f, residual %.3f, %d bands in %.1f s", reader.path,
-                 vocab.coverage, basis.residual, len(bands), package.seconds)
+                 package.vocab.coverage, package.basis.residual, len(package.bands), package.seconds)
         return package
     finally:
         if owns_reader:
