@@ -1,6 +1,6 @@
 """SOMI: a self-organising language model that absorbs open-weight teachers.
 
-This package holds the model and everything that does not need Ray; the `actors`
+This package contains the model and everything that does not need Ray; the `actors`
 package wraps it in Ray actors and a Ray Serve application.
 """
 

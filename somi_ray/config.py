@@ -98,7 +98,7 @@ class SomiConfig:
 
     @classmethod
     def from_scratch(cls, vocab_size: int = 256) -> "SomiConfig":
-        """The smallest SOMI: H=16, one Part; growth takes it from here."""
+        """Return the smallest SOMI (H=16, one Part), from which growth starts."""
         return cls.auto(16, 1, vocab_size=vocab_size)
 
     def recalibrate(self) -> None:
@@ -214,7 +214,7 @@ class SomiConfig:
 
 
 def default_routes(n_parts: int) -> list[list[int]]:
-    """One System per specialised Part, each entering through the shared Part 0."""
+    """Return one route per specialised Part, each entering through the shared Part 0."""
     if n_parts == 1:
         return [[0]]
     return [[0, p] for p in range(1, n_parts)]

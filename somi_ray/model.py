@@ -110,7 +110,7 @@ class Tract(nn.Module):
         return y + (y @ self.down) @ self.up.T
 
     def matrix(self) -> torch.Tensor:
-        """The tract as an (H, H) map acting on row vectors."""
+        """Return the tract as an (H, H) map acting on row vectors."""
         H = self.down.shape[0]
         return torch.eye(H, dtype=self.down.dtype, device=self.down.device) + self.down @ self.up.T
 
@@ -134,7 +134,7 @@ class ForwardOutput:
 
 @dataclass
 class LearnStats:
-    """What one learning step measured; logits are those computed before any update."""
+    """Measurements of one learning step; its logits are those computed before any update."""
 
     loss: float  # mean next-token cross-entropy, nats per token
     jepa_error: float  # mean relative JEPA prediction error over Parts

@@ -50,7 +50,7 @@ def project_constraints(
 
 
 def random_graph(H: int, k: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random sparse symmetric graph with about k edges per row and unit-scale degrees.
+    """Draw a random sparse symmetric graph with about k edges per row and unit-scale degrees.
 
     Returns (W, mask), both (H, H); the mask is the sparsity pattern that local learning keeps.
     """

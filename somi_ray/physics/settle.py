@@ -254,7 +254,7 @@ def settle(
 
 
 def response_matrix(op: SettleOperator) -> torch.Tensor:
-    """The settled linear response d phi / d s at the settling time, as an (H, H) matrix.
+    """Compute the settled linear response d phi / d s at the settling time, as an (H, H) matrix.
 
     Used for Wilson loops; the tanh corrections are left out, so this is the Part's
     linearisation around phi = 0.
