@@ -23,30 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from somi_ray import assets
 from somi_ray.config import SomiConfig
+from somi_ray.data import byte_tokenizer
 from somi_ray.evaluate import bits_per_byte
 from somi_ray.lineage import Lineage, save_checkpoint
 from somi_ray.model import SomiModel
 from somi_ray.organize import SelfOrganizer, current_structure
-
-
-def byte_tokenizer() -> Tokenizer:
-    """Build a `tokenizers` byte-level tokenizer whose token id is the byte value (0..255)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    codepoints = dict(zip(printable, printable))
-    extra = 0
-    for byte in range(256):
-        if byte not in codepoints:
-            codepoints[byte] = 256 + extra
-            extra += 1
-    vocab = {chr(codepoints[byte]): byte for byte in range(256)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
 
 
 def stream_batches(data: np.ndarray, batch_size: int, seq_len: int):

@@ -1,6 +1,6 @@
-"""Train SOMI on the Shakespeare training works with the SmolLM2 tokenizer and score held-out bpb.
+"""Train SOMI on the Shakespeare training works and score held-out bits per byte.
 
-Run:  python bench/train_shakespeare.py [--minutes 18] [--hidden 128] [--parts 2]
+Run:  python bench/train_shakespeare.py [--tokenizer bytes|smollm2] [--minutes 18] [--hidden 128] [--parts 2]
 
 Dual learning (backprop plus the local rules) runs on shuffled windows of the training split
 for a wall-clock budget. Held-out bits per byte are measured on a fixed slice during training
@@ -21,7 +21,7 @@ import torch
 
 from somi_ray import assets
 from somi_ray.config import SomiConfig
-from somi_ray.data import build_windows, iter_batches, load_corpus, tokenize_documents
+from somi_ray.data import build_windows, byte_tokenizer, iter_batches, load_corpus, tokenize_documents
 from somi_ray.evaluate import BigramModel, UnigramModel, bits_per_byte
 from somi_ray.model import SomiModel
 
@@ -43,6 +43,8 @@ def scheduled_lr(step: int, base: float, warmup: int, total: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", choices=["bytes", "smollm2"], default="bytes",
+                        help="byte-level (V=256) or the SmolLM2 tokenizer (V=49152)")
     parser.add_argument("--minutes", type=float, default=18.0, help="training wall-clock budget, minutes")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size H")
     parser.add_argument("--parts", type=int, default=2, help="Part count P")
@@ -55,12 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--final-bytes", type=int, default=None, help="bytes of held-out text scored at the end (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-local", action="store_true", help="turn the local rules off (backprop only)")
+    parser.add_argument("--no-context", action="store_true",
+                        help="ablation: hold every Part's context gain at zero, so no position sees an earlier one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    tokenizer = load_smollm2_tokenizer()
+    tokenizer = byte_tokenizer() if args.tokenizer == "bytes" else load_smollm2_tokenizer()
     train_docs = load_corpus("shakespeare", "train")
     heldout_text = assets.corpus_path("shakespeare", "heldout").read_text(encoding="utf-8")
     train_text = "".join(doc.text for doc in train_docs)
@@ -83,6 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
     # first steps spend no effort learning token frequencies.
     with torch.no_grad():
         model.decoder.bias.copy_(torch.from_numpy(unigram_model.log_probs).float())
+    if args.no_context:
+        # With c = 0 the drive of position t is x_t alone: every layer is per position, so
+        # the model is a function of the current token, like the bigram.
+        for part in model.parts:
+            part.context_gain.requires_grad_(False)
+            part.context_gain.data.zero_()
     lr = args.lr or config.lr
     optimizer = model.make_optimizer(lr)
 
@@ -125,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.perf_counter() - train_started
     final = score(args.final_bytes)
     summary = {
-        "event": "final", "hidden": args.hidden, "parts": args.parts, "batch": args.batch, "seq_len": args.seq_len,
-        "lr": lr, "local_rules": not args.no_local, "steps": step, "tokens": seen_tokens,
+        "event": "final", "tokenizer": args.tokenizer, "hidden": args.hidden, "parts": args.parts, "batch": args.batch, "seq_len": args.seq_len,
+        "lr": lr, "local_rules": not args.no_local, "context": not args.no_context, "steps": step, "tokens": seen_tokens,
         "train_seconds": round(train_seconds, 1), "heldout_bpb": round(final, 4), "bigram_bpb": round(bigram, 4),
         "unigram_bpb": round(unigram, 4), "beats_bigram": final < bigram,
         "stress_loss_corr": round(model.stress_loss_correlation(), 3), "parameters": model.parameter_count(),

@@ -238,6 +238,8 @@ def shrink_hidden(model: SomiModel, keep: list[int], fold_from: torch.Tensor | N
         part.W = project_constraints(part.W, part.mask, config.degree_floor, config.degree_ceiling)
         part.mass = part.mass[keep_index].clone()
         part.precision = part.precision[keep_index].clone()
+        part.coupling = part.coupling[keep_index][:, keep_index].clone()
+        part.drive_moments = part.drive_moments[keep_index][:, keep_index].clone()
         for name in ("output_gain", "drive_gain", "context_gain"):
             setattr(part, name, nn.Parameter(getattr(part, name).data[keep_index].clone()))
         part.invalidate()

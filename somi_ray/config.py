@@ -51,6 +51,8 @@ class SomiConfig:
     local_decay: float = 1e-4  # weight decay of W per local step
     mass_lr: float = 0.0  # rate of the mass consolidation rule per local step (0 turns it off)
     precision_lr: float = 0.05  # eta for the precision vector
+    coupling_lr: float = 0.5  # share of a batch's error along its step that the coupling's rule removes
+    coupling_decay: float = 5e-4  # weight decay of U per local step
     local_gate: float = 0.5  # a Part takes a local step when its stress >= gate * its stress EMA
 
     # Macro (backprop) learning.
@@ -147,6 +149,13 @@ class SomiConfig:
         # repeated batch reshape the graph within tens of steps without oscillating.
         self.local_lr = 0.05
         self.local_decay = 1e-3 * self.local_lr
+
+        # The input coupling's step is a share of the exact line minimum on the batch, so
+        # the rate is dimensionless and stable below 2. Half keeps most of what earlier
+        # batches taught while a repeated batch converges within tens of steps. Its
+        # decay matches W's.
+        self.coupling_lr = 0.5
+        self.coupling_decay = 1e-3 * self.coupling_lr
 
         # Mass sets the memory of the temporal field, which both the drive and the JEPA
         # target read, and equilibrium propagation gives it no gradient. The per-step mass

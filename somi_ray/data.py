@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 # progress(done, total) is called with bytes of text tokenised so far and in all.
 ProgressCallback = Callable[[int, int], None]
@@ -67,6 +67,22 @@ def as_tokenizer(tokenizer) -> Tokenizer:
         return backend
     if not isinstance(tokenizer, Tokenizer):
         raise TypeError(f"expected a tokenizers.Tokenizer or a transformers fast tokenizer, got {type(tokenizer).__name__}")
+    return tokenizer
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Build a `tokenizers` byte-level tokenizer whose token id is the byte value (0..255)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    codepoints = dict(zip(printable, printable))
+    extra = 0
+    for byte in range(256):
+        if byte not in codepoints:
+            codepoints[byte] = 256 + extra
+            extra += 1
+    vocab = {chr(codepoints[byte]): byte for byte in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
 

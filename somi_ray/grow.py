@@ -67,6 +67,8 @@ def grow_hidden(model: SomiModel, new_hidden: int, generator: torch.Generator | 
         part.mask = mask
         part.mass = _pad(part.mass, (new_hidden,), mass_new)
         part.precision = _pad(part.precision, (new_hidden,), precision_new)
+        part.coupling = _pad(part.coupling, (new_hidden, new_hidden))
+        part.drive_moments = _pad(part.drive_moments, (new_hidden, new_hidden))
         part.output_gain = nn.Parameter(_pad(part.output_gain.data, (new_hidden,), float(part.output_gain.mean())))
         part.drive_gain = nn.Parameter(_pad(part.drive_gain.data, (new_hidden,), 1.0))
         part.context_gain = nn.Parameter(_pad(part.context_gain.data, (new_hidden,), 1.0))

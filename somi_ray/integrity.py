@@ -35,15 +35,16 @@ LOWEST_EIGENVALUES = 8  # Laplacian eigenvalues kept in each spectrum summary
 
 
 def part_response(part) -> torch.Tensor:
-    """Linear response dy/dx (H, H) of a Part around zero: I + diag(g) (R - I), column convention.
+    """Linear response dy/dx (H, H) of a Part around zero: I + diag(g) (R (I + U) - I), column convention.
 
     The drive's normalisation and the temporal field are left out, so this is the map a
     perturbation of the settled drive goes through, not the full Jacobian of the Part.
     """
     free, _ = part.operators()
-    R = response_matrix(free)  # (H, H), R[i, j] = d phi_i / d s_j
+    R = response_matrix(free)  # (H, H), R[i, j] = d phi_i / d u_j for the coupled drive u
     H = R.shape[0]
     eye = torch.eye(H, dtype=R.dtype, device=R.device)
+    R = R @ (eye + part.coupling.to(R.dtype))
     gain = part.output_gain.detach().to(R.dtype)
     return eye + gain[:, None] * (R - eye)
 

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from somi_ray.config import SomiConfig
 from somi_ray.physics.field import field_decay, previous_field, temporal_field
 from somi_ray.physics.laplacian import project_constraints, random_graph
-from somi_ray.physics.settle import SettleOperator, settle
+from somi_ray.physics.settle import SettleOperator, response_matrix, settle
 from somi_ray.physics.stress import (
     connectivity_gradient,
     connectivity_step,
+    coupling_step,
     mass_step,
     precision_step,
     relative_error,
@@ -50,6 +51,12 @@ class Part(nn.Module):
         log_mass = (torch.rand(H, generator=generator) * 2.0 - 1.0) * math.log(4.0)
         self.register_buffer("mass", torch.exp(log_mass))  # (H,)
         self.register_buffer("precision", torch.ones(H))  # (H,)
+        # Input coupling U: the settle is driven by s + U s, so each feature's drive may read
+        # the others'. It starts at zero and only the local rule changes it.
+        self.register_buffer("coupling", torch.zeros(H, H))  # (H, H)
+        # Running second moment of the uncoupled drive, sum_t w s s^T, which preconditions
+        # the coupling's rule; all zero until the first local step.
+        self.register_buffer("drive_moments", torch.zeros(H, H))  # (H, H)
         self.register_buffer("n_modes", torch.tensor(config.n_modes))  # K of this Part's eigen cache
         self.register_buffer("stress_ema", torch.tensor(float("nan")))  # running JEPA error
         self.register_buffer("local_steps", torch.tensor(0))
@@ -89,13 +96,20 @@ class Part(nn.Module):
         mixed = x + self.context_gain * previous_field(r)
         return fixed_width_norm(mixed, self.config.norm_width) * self.drive_gain
 
-    def forward(self, x: torch.Tensor, noise_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (y, phi, s), each (B, T, H)."""
+    def couple(self, s: torch.Tensor) -> torch.Tensor:
+        """The settle's drive s + U s for drives s (..., H)."""
+        return s + s @ self.coupling.T
+
+    def forward(
+        self, x: torch.Tensor, noise_std: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (y, phi, coupled drive, drive), each (B, T, H)."""
         s = self.drive(x)
+        u = self.couple(s)
         free, _ = self.operators()
-        phi = settle(free, s, noise_std=noise_std).phi
+        phi = settle(free, u, noise_std=noise_std).phi
         y = x + self.output_gain * (phi - x)
-        return y, phi, s
+        return y, phi, u, s
 
 
 class Tract(nn.Module):
@@ -122,8 +136,9 @@ class PartVisit:
     part: int
     system: int
     position: int  # index in the route
-    drive: torch.Tensor  # (B, T, H)
+    drive: torch.Tensor  # (B, T, H) drive the settle saw, after the input coupling
     phi: torch.Tensor  # (B, T, H) free settled field
+    source: torch.Tensor  # (B, T, H) drive before the input coupling
 
 
 @dataclass
@@ -194,16 +209,16 @@ class SomiModel(nn.Module):
         x = self.embedding(ids)  # (B, T, H)
         visits: list[PartVisit] = []
 
-        shared_y, shared_phi, shared_s = self.parts[0](x, noise_std)
+        shared_y, shared_phi, shared_u, shared_s = self.parts[0](x, noise_std)
         outputs = []
         for system, route in enumerate(self.config.routes):
             if system == 0:
-                visits.append(PartVisit(0, 0, 0, shared_s, shared_phi))
+                visits.append(PartVisit(0, 0, 0, shared_u, shared_phi, shared_s))
             y = shared_y
             for position in range(1, len(route)):
                 y = self.tracts[tract_key(system, position)](y)
-                y, phi, s = self.parts[route[position]](y, noise_std)
-                visits.append(PartVisit(route[position], system, position, s, phi))
+                y, phi, u, s = self.parts[route[position]](y, noise_std)
+                visits.append(PartVisit(route[position], system, position, u, phi, s))
             outputs.append(y)
 
         weights = torch.softmax(self.system_logits, dim=0)  # (S,)
@@ -391,19 +406,27 @@ class SomiModel(nn.Module):
             sqrt_mass = 1.0 / free_op.inv_sqrt_mass
             grad_w = torch.zeros_like(part.W)
             grad_diag = torch.zeros_like(part.precision)
+            grad_coupling = torch.zeros_like(part.coupling)
+            drive_moments = torch.zeros_like(part.coupling)
             errors = torch.zeros_like(part.precision)
             share = 1.0 / len(visits)
+            response = response_matrix(free_op).to(part.coupling.dtype)  # (H, H), d phi_i / d u_j
             for visit in visits:
-                s = visit.drive.detach().reshape(-1, H)  # (N, H)
+                u = visit.drive.detach().reshape(-1, H)  # (N, H)
+                source = visit.source.detach().reshape(-1, H)
                 phi_f = visit.phi.detach().reshape(-1, H)
                 z = targets[(visit.system, visit.position)].detach().reshape(-1, H)
-                phi_n = settle(nudged_op, s, z).phi
+                phi_n = settle(nudged_op, u, z).phi
                 common = dict(alpha1=c.alpha1, lambda_e=c.lambda_e, degree_floor=c.degree_floor)
-                g_n, d_n = connectivity_gradient(part.W, free_op, phi_n * sqrt_mass, s, weights, **common)
-                g_f, d_f = connectivity_gradient(part.W, free_op, phi_f * sqrt_mass, s, weights, **common)
+                g_n, d_n = connectivity_gradient(part.W, free_op, phi_n * sqrt_mass, u, weights, **common)
+                g_f, d_f = connectivity_gradient(part.W, free_op, phi_f * sqrt_mass, u, weights, **common)
                 # Equilibrium propagation: dLoss/dtheta ~ (dE/dtheta|nudged - dE/dtheta|free) / kappa_n.
                 grad_w += share * (g_n - g_f) / c.nudge
                 grad_diag += share * (d_n - d_f) / c.nudge
+                # The field depends on U only through the coupled drive u = s + U s, so the
+                # Part's own linear response R gives the error's gradient R^T (phi - z) s^T.
+                grad_coupling += share * (weights[:, None] * ((phi_f - z) @ response)).T @ source
+                drive_moments += share * (weights[:, None] * source).T @ source
                 errors += share * (weights[:, None] * (phi_f - z) ** 2).sum(0)
 
             W = connectivity_step(part.W, part.mask, grad_w, part.mass, lr=c.local_lr, decay=c.local_decay,
@@ -412,6 +435,12 @@ class SomiModel(nn.Module):
             part.precision.copy_(precision_step(part.precision, c.kappa0 * grad_diag, lr=c.precision_lr,
                                                 low=c.precision_min, high=c.precision_max))
             part.mass.copy_(mass_step(part.mass, errors, lr=c.mass_lr, low=c.mass_min, high=c.mass_max))
+            if float(part.drive_moments.trace()) <= 0.0:
+                part.drive_moments.copy_(drive_moments)
+            else:
+                part.drive_moments.mul_(c.stress_ema).add_((1.0 - c.stress_ema) * drive_moments)
+            part.coupling.copy_(coupling_step(part.coupling, grad_coupling, drive_moments, part.drive_moments,
+                                              response, part.mass, lr=c.coupling_lr, decay=c.coupling_decay))
             part.local_steps += 1
             if int(part.local_steps) % c.eigen_refresh_interval == 0:
                 part.n_modes.fill_(c.n_modes)
@@ -473,6 +502,15 @@ class SomiModel(nn.Module):
             part.invalidate()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # Checkpoints written before Parts had an input coupling load with U = 0, which is
+        # the function they were saved with, and no drive statistics.
+        state_dict = dict(state_dict)
+        for index, part in enumerate(self.parts):
+            weight = state_dict.get(f"parts.{index}.W")
+            for name in ("coupling", "drive_moments"):
+                key = f"parts.{index}.{name}"
+                if key not in state_dict and weight is not None:
+                    state_dict[key] = torch.zeros_like(weight)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.invalidate_caches()
         return result

@@ -270,30 +270,73 @@ def test_checkpoint_round_trip_is_bitwise(tmp_path, text_ids):
 # 9. Local learning alone
 
 
-def test_local_learning_lowers_jepa_error(text_ids):
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_local_learning_lowers_jepa_error(text_ids, seed):
     model = make_model(32, 2)
-    batch = sample_batch(text_ids, 8, 64, seed=11)
-    first = model.learn_step(batch, None).jepa_error
-    for _ in range(40):
+    batch = sample_batch(text_ids, 4, 32, seed=seed)
+    first = float(model.measure_stress(batch)["per_token"].mean())
+    for _ in range(150):
         model.learn_step(batch, None)
     last = float(model.measure_stress(batch)["per_token"].mean())
     reduction = 1.0 - last / first
-    # NOTE: a 30 % reduction is out of reach for these rules. They only reshape W and
-    # precision, so the settled field stays a symmetric smoothing of the drive. On this batch
-    # an unconstrained least-squares map from drive to target gets 28 % (next test), direct
-    # optimisation of Part 0's W and precision about 9 %, and the rules about 7 %.
-    assert reduction >= 0.05, f"local learning lowered the JEPA error by {reduction:.1%} ({first:.4f} -> {last:.4f})"
+    assert reduction >= 0.30, f"local learning lowered the JEPA error by {reduction:.1%} ({first:.4f} -> {last:.4f})"
+    assert all(part.coupling.abs().sum() > 0 for part in model.parts)
 
 
-def test_linear_predictor_bound_on_jepa_error(text_ids):
-    """The best unconstrained linear map from Part 0's drive to its target, as a reference."""
-    model = make_model(32, 2)
-    batch = sample_batch(text_ids, 8, 64, seed=11)
+def test_local_learning_without_input_coupling_stays_far_from_the_linear_bound(text_ids):
+    """W and precision alone keep the field a symmetric smoothing of the drive; the coupling
+    is what lets a Part approach the best linear predictor of its target."""
+    model = make_model(32, 1)
+    model.config.coupling_lr = 0.0
+    batch = sample_batch(text_ids, 4, 32, seed=11)
     with torch.no_grad():
         out = model.run(batch[:, :-1])
         target = model.jepa_targets(batch)[(0, 0)].reshape(-1, 32)
     drive = out.visits[0].drive.detach().reshape(-1, 32)
     solution = torch.linalg.lstsq(drive, target).solution
     bound = float((((drive @ solution - target) ** 2).sum(-1) / (target * target).sum(-1)).mean())
-    start = float(model.measure_stress(batch)["per_part"][0])
-    assert bound < start
+    first = float(model.measure_stress(batch)["per_part"][0])
+    for _ in range(100):
+        model.learn_step(batch, None)
+    last = float(model.measure_stress(batch)["per_part"][0])
+    assert bound < last < first
+    assert 1.0 - last / first < 0.30
+    assert all(float(part.coupling.abs().sum()) == 0.0 for part in model.parts)
+
+
+def test_coupling_step_converges_to_the_least_squares_map():
+    """On a fixed linear response and drive, repeated steps reach the least-squares coupling."""
+    from somi_ray.physics.stress import coupling_step
+
+    generator = torch.Generator().manual_seed(0)
+    H, N = 8, 64
+    source = torch.randn(N, H, generator=generator, dtype=torch.float64)
+    source[:, 0] *= 10.0  # badly conditioned drive
+    response = torch.eye(H, dtype=torch.float64) * 0.6 + 0.05 * torch.randn(H, H, generator=generator, dtype=torch.float64)
+    target = source @ torch.randn(H, H, generator=generator, dtype=torch.float64)
+    weights = torch.full((N,), 1.0 / N, dtype=torch.float64)
+    coupling = torch.zeros(H, H, dtype=torch.float64)
+    mass = torch.ones(H, dtype=torch.float64)
+    moments = (weights[:, None] * source).T @ source
+    errors = []
+    for _ in range(200):
+        phi = (source + source @ coupling.T) @ response.T
+        errors.append(float(((phi - target) ** 2).sum()))
+        grad = (weights[:, None] * ((phi - target) @ response)).T @ source
+        coupling = coupling_step(coupling, grad, moments, moments, response, mass, lr=0.5, decay=0.0)
+    assert all(b <= a for a, b in zip(errors, errors[1:]))  # every step lowers the error
+    best = torch.linalg.lstsq(source, target).solution  # R is invertible, so any linear map is reachable
+    reached = (source + source @ coupling.T) @ response.T
+    assert torch.allclose(reached, source @ best, atol=1e-4)
+
+
+def test_checkpoint_without_input_coupling_loads_with_zero_coupling(tmp_path, text_ids):
+    """Checkpoints saved before Parts had an input coupling still load, with the same logits."""
+    model = make_model(16, 2)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith((".coupling", ".drive_moments"))}
+    fresh = make_model(16, 2, seed=3)
+    fresh.load_state_dict(state)
+    ids = sample_batch(text_ids, 2, 16, seed=4)[:, :-1]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), fresh.eval()(ids))
+    assert all(float(part.coupling.abs().sum()) == 0.0 for part in fresh.parts)

@@ -4,7 +4,8 @@ After the free settle, a second settle is nudged with strength kappa_n towards t
 target z of the next token. For any parameter theta of the energy, equilibrium propagation
 estimates the gradient of the prediction error as (dE/dtheta|nudged - dE/dtheta|free) / kappa_n.
 For W this is the difference of co-activations, the stress tensor S; for the precision it is
-the difference of squared drive errors.
+the difference of squared drive errors; for the input coupling U it is the change of the
+drive force times the uncoupled drive.
 """
 
 from __future__ import annotations
@@ -92,6 +93,40 @@ def mass_step(mass: torch.Tensor, errors: torch.Tensor, *, lr: float, low: float
     new_mass = mass * torch.exp(lr * torch.tanh(log_ratio))
     new_mass = new_mass * (mass.mean() / new_mass.mean())
     return new_mass.clamp(low, high)
+
+
+def coupling_step(
+    coupling: torch.Tensor,
+    grad: torch.Tensor,
+    batch_moments: torch.Tensor,
+    running_moments: torch.Tensor,
+    response: torch.Tensor,
+    mass: torch.Tensor,
+    *,
+    lr: float,
+    decay: float,
+) -> torch.Tensor:
+    """Descent step on the input coupling U that removes a share lr of the batch's error along it.
+
+    The prediction error is quadratic in U: 1/2 sum_t w |R (s + U s) - z|^2, with R the
+    settle's linear response and C = sum_t w s s^T the drive's second moment (`batch_moments`).
+    The direction is the gradient preconditioned by the running second moment over recent
+    batches (a whitened delta rule), so every drive direction moves at the same rate
+    whatever the drive's scale and correlations; rows of heavy features are scaled by
+    sqrt(mean mass / m_i), capped at 1, so they move more slowly. The length is lr times
+    the exact minimiser of the batch's quadratic along that direction, so any lr in (0, 2)
+    lowers the batch's error, however stale the running moments are.
+    """
+    H = running_moments.shape[0]
+    ridge = 1e-3 * torch.diagonal(running_moments).mean().clamp_min(1e-8)
+    eye = torch.eye(H, dtype=running_moments.dtype, device=running_moments.device)
+    row_scale = (mass.mean() / mass).sqrt().clamp(max=1.0)
+    direction = -row_scale[:, None] * torch.linalg.solve(running_moments + ridge * eye, grad.T).T
+    moved = response @ direction  # (H, H), change of the field per unit drive
+    curvature = (moved @ batch_moments * moved).sum()
+    slope = (grad * direction).sum()
+    length = (-slope / curvature.clamp_min(1e-12)).clamp_min(0.0)
+    return coupling * (1.0 - decay) + lr * length * direction
 
 
 def operator_energy_gradient(op, psi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
