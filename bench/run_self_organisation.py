@@ -4,8 +4,8 @@
 
 Phase 1 starts from SomiConfig.from_scratch() (H=16, P=1) and streams the Shakespeare
 training works in order, batch after batch, with automatic growth and compression on.
-Phase 2 feeds one act repeated many times, text the model can memorise, so its stress falls
-and compression may trigger. Held-out bits per byte is measured on the start of the
+Phase 2 feeds one act repeated many times, text the model can memorise. Its loss falls, and
+once its structure has settled with redundant or dark-matter features, compression triggers. Held-out bits per byte is measured on the start of the
 held-out works every --eval-every steps and around every structural event.
 
 The tokenizer is byte-level (V=256, one token per UTF-8 byte), chosen for speed; bits per
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def stream_batches(data: np.ndarray, batch_size: int, seq_len: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/self-organisation", help="folder for the checkpoint and lineage")
-    parser.add_argument("--grow-steps", type=int, default=1800, help="steps of phase 1 (Shakespeare stream)")
-    parser.add_argument("--compress-steps", type=int, default=900, help="steps of phase 2 (one act repeated)")
+    parser.add_argument("--grow-steps", type=int, default=None,
+                        help="steps of phase 1 (default: one pass over the Shakespeare training works)")
+    parser.add_argument("--compress-steps", type=int, default=3000, help="steps of phase 2 (one act repeated)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64, help="positions per window, in bytes")
     parser.add_argument("--eval-every", type=int, default=150, help="steps between held-out bits per byte reports")
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     heldout_text = heldout[0][1][: args.eval_bytes]
     act_name, act_text = train[0][0], train[0][1]
     act = act_text[len(act_text) // 3: len(act_text) // 3 + 16_000]  # about one act
-    repeated = np.frombuffer((act * 40).encode("utf-8"), dtype=np.uint8)
+    act_bytes = len(act.encode("utf-8"))
+    repeats = math.ceil(args.compress_steps * args.batch_size * args.seq_len / act_bytes) + 1
+    repeated = np.frombuffer((act * repeats).encode("utf-8"), dtype=np.uint8)
 
     def held_out_bpb(model: SomiModel) -> float:
         was_training = model.training
@@ -94,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{phase:>8} {step:>5} {sizes['hidden_size']:>4} {sizes['n_parts']:>2} {sizes['n_systems']:>2} "
               f"{sizes['parameters']:>8} {stress:7.4f} {loss:6.3f} {bpb:6.3f} {row['minutes']:5.1f}", flush=True)
 
-    phases = [("grow", stream, args.grow_steps), ("compress", repeated, args.compress_steps)]
+    grow_steps = args.grow_steps if args.grow_steps is not None else len(stream) // (args.batch_size * args.seq_len)
+    phases = [("grow", stream, grow_steps), ("compress", repeated, args.compress_steps)]
     step = 0
     budget = args.minutes * 60
     for index, (phase, data, steps) in enumerate(phases):
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             if step % args.eval_every == 0:
                 report(phase, step, float(np.mean(recent_stress)), float(np.mean(recent_loss)))
                 recent_stress, recent_loss = [], []
-        lineage.append("learn", {"phase": phase, "corpus": "shakespeare train" if index == 0 else f"{act_name} act x40",
+        lineage.append("learn", {"phase": phase, "corpus": "shakespeare train" if index == 0 else f"{act_name} act x{repeats}",
                                  "steps": step}, {**current_structure(model), "bpb": held_out_bpb(model)})
         save_checkpoint(out, model, tokenizer.to_str(), lineage)
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from somi_ray.grow import StressTracker, recalibrate_structure, structure_summary
+from somi_ray.integrity import compare_loops, wilson_loops
 from somi_ray.model import SomiModel
 from somi_ray.physics.laplacian import project_constraints
 
@@ -43,6 +44,7 @@ class CompressionPolicy:
     """When automatic compression triggers, what it may remove and what it must keep."""
 
     low_sigmas: float = 3.0  # a window mean this many step-level sds below the baseline is sustained low stress
+    calm_windows: int = 4  # windows of stable stress, not above the baseline, that make a structure settled
     dark_sigmas: float = 1.5  # combined robust z-score above which a feature is dark matter
     redundancy_r2: float = 0.98  # a feature the others predict with R^2 above this is redundant
     max_remove_fraction: float = 0.25  # most features one compression removes, as a share of H
@@ -70,12 +72,13 @@ class CompressionPlan:
     reasons: dict[int, str] = field(default_factory=dict)  # feature -> "dark-matter" or "redundant"
     prune_edges: bool = True
     int8_weights: bool = False
+    trigger: str = ""  # why AutoCompress asked for this plan, with the numbers that decided it
 
     def describe(self) -> dict:
         dark = sorted(i for i, r in self.reasons.items() if r == "dark-matter")
         redundant = sorted(i for i, r in self.reasons.items() if r == "redundant")
         return {"dark_matter_features": dark, "redundant_features": redundant,
-                "prune_edges": self.prune_edges, "int8_weights": self.int8_weights}
+                "prune_edges": self.prune_edges, "int8_weights": self.int8_weights, "trigger": self.trigger}
 
 
 @dataclass
@@ -226,6 +229,7 @@ def shrink_hidden(model: SomiModel, keep: list[int], fold_from: torch.Tensor | N
         bias += (d_removed @ offset).to(decoder.dtype)
 
     model.embedding.weight = nn.Parameter(model.embedding.weight.data[:, keep_index].clone())
+    model.embedding.embedding_dim = len(keep_index)
     model.target_embedding = model.target_embedding[:, keep_index].clone()
     model.decoder.weight = nn.Parameter(new_decoder)
     model.decoder.bias = nn.Parameter(bias)
@@ -363,13 +367,15 @@ def bits_per_token(model: SomiModel, batch: torch.Tensor) -> float:
 
 
 def compress(model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, policy: CompressionPolicy,
-             eval_fn: EvalFn | None = None) -> CompressionResult:
+             eval_fn: EvalFn | None = None, wilson_tolerances: dict[int, float] | None = None) -> CompressionResult:
     """Apply a plan to a copy of the model, calibrate it and keep it only if it passes the guards.
 
     `batch` (B, T+1) with B >= 2 is split: the first half calibrates, the second half measures
     logit drift, and, without `eval_fn`, also the bits per token that stand in for held-out
-    bits per byte. On acceptance the model takes over the copy's state in place, so the caller
-    must rebuild its optimizer. On rejection the model is left exactly as it was.
+    bits per byte. With `wilson_tolerances` (relative change of each System's Wilson trace,
+    for example `WilsonDrift.tolerances()`), a loop that moves further also rolls back.
+    On acceptance the model takes over the copy's state in place, so the caller must rebuild
+    its optimizer. On rejection the model is left exactly as it was.
     """
     assert batch.dim() == 2, f"compression needs a batch (B, T+1), got shape {tuple(batch.shape)}"
     assert batch.shape[0] >= 2, f"compression needs at least 2 windows to split, got {batch.shape[0]}"
@@ -379,6 +385,7 @@ def compress(model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, polic
     guard_logits, _ = decoder_inputs(model, guard[:, :-1])
     before = structure_summary(model)
     score_before = eval_fn(model) if eval_fn is not None else bits_per_token(model, guard)
+    loops_before = wilson_loops(model)
 
     candidate = copy.deepcopy(model)
     details: dict = {"plan": plan.describe(), "features_removed": len(plan.remove)}
@@ -404,14 +411,22 @@ def compress(model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, polic
         "calibration_kl_before": kl_raw, "calibration_kl_after": kl_calibrated, "guard_kl": drift,
     }
 
+    wilson = compare_loops(loops_before, wilson_loops(candidate),
+                           wilson_tolerances if wilson_tolerances is not None else math.inf)
+    metrics["wilson_changes"] = wilson.changes
+    metrics["wilson_tolerances"] = wilson.tolerances
+
     rise = (score_after - score_before) / max(abs(score_before), 1e-12)
-    # NOTE: Wilson-loop drift (somi_ray.integrity) is not checked here yet, so the KL drift
-    # of held-out logits is the only check on how far the function moved.
     if rise > policy.bpb_tolerance:
         reason = f"{score_name} rose {rise:.2%} (> {policy.bpb_tolerance:.2%}): rolled back"
         accepted = False
     elif drift > policy.drift_tolerance:
         reason = f"logit drift {drift:.4f} nats > {policy.drift_tolerance}: rolled back"
+        accepted = False
+    elif wilson.exceeded:
+        moved = ", ".join(f"System {system} {wilson.changes[system]:.3g} > {wilson.tolerances[system]:.3g}"
+                          for system in wilson.exceeded)
+        reason = f"Wilson loops moved beyond their tolerance ({moved}): rolled back"
         accepted = False
     else:
         reason = f"{score_name} changed {rise:+.2%}, drift {drift:.4f} nats: kept"
@@ -442,11 +457,20 @@ def adopt_state(model: SomiModel, candidate: SomiModel) -> None:
 class AutoCompress:
     """Decide when a model is over-provisioned and compress it behind the guards.
 
-    It triggers when the last window of stress sits `low_sigmas` step-level sds below the
-    baseline, and the model has something
-    to remove: dark-matter or redundant features, or weak edges. The baseline is the stable
-    stress adopted at the current structure. A rolled-back attempt halves the strength (the share of features removed) and
-    doubles the cooldown before the next one.
+    It triggers on sustained low stress, in one of two forms:
+
+    - a drop: the last window of stress sits `low_sigmas` step-level sds below the baseline
+      (the stable stress adopted at the current structure), and the model has something to
+      remove: dark-matter or redundant features, or weak edges;
+    - a settled structure: the structure has not changed for `calm_windows` windows, stress is
+      stable and at most one sd above the baseline, so nothing asks for more capacity, and
+      the model has dark-matter or redundant features. Weak edges alone do not count here.
+
+    The second form exists because stress need not fall on text the model memorises: on
+    one act of a play repeated, the training loss fell while the JEPA stress stayed level or
+    rose, since the target encoder follows an embedding that keeps changing. A rolled-back
+    attempt halves the strength (the share of features removed) and doubles the cooldown
+    before the next one.
     """
 
     def __init__(self, policy: CompressionPolicy | None = None):
@@ -470,19 +494,29 @@ class AutoCompress:
         # the last change means that change paid off, not that the model is too large.
         if tracker.baseline is None:
             return None
-        drop = -tracker.deviation()
-        if drop < self.policy.low_sigmas:
+        deviation = tracker.deviation()
+        dropped = -deviation >= self.policy.low_sigmas
+        settled = (tracker.steps_since_change >= self.policy.calm_windows * tracker.patience
+                   and tracker.stable() and deviation <= 1.0)
+        if not (dropped or settled):
             return None
 
         plan = plan_compression(model, batch[:, :-1], self.policy, self.strength)
+        baseline = tracker.baseline.mean
+        if dropped:
+            plan.trigger = f"stress {tracker.last().mean:.4f} fell {-deviation:.1f} sd below its baseline {baseline:.4f}"
+        else:
+            plan.trigger = (f"structure settled for {tracker.steps_since_change} steps with stress "
+                            f"{tracker.last().mean:.4f} within {max(deviation, 0.0):.1f} sd of its baseline {baseline:.4f}")
+            return plan if plan.remove else None
         weak = prunable_edges(model, self.policy.edge_fraction) if plan.prune_edges else 0
         if not plan.remove and weak == 0 and not plan.int8_weights:
             return None
         return plan
 
     def apply(self, model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, step: int,
-              eval_fn: EvalFn | None = None) -> CompressionResult:
-        result = compress(model, plan, batch, self.policy, eval_fn)
+              eval_fn: EvalFn | None = None, wilson_tolerances: dict[int, float] | None = None) -> CompressionResult:
+        result = compress(model, plan, batch, self.policy, eval_fn, wilson_tolerances)
         self.last_change_step = step
         if result.accepted:
             self.strength, self.backoff = 1.0, 1

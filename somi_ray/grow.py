@@ -46,6 +46,7 @@ def grow_hidden(model: SomiModel, new_hidden: int, generator: torch.Generator | 
     V = config.vocab_size
 
     model.embedding.weight = nn.Parameter(_pad(model.embedding.weight.data, (V, new_hidden)))
+    model.embedding.embedding_dim = new_hidden
     model.target_embedding = _pad(model.target_embedding, (V, new_hidden))
     model.decoder.weight = nn.Parameter(_pad(model.decoder.weight.data, (V, new_hidden)))
     model.decoder.in_features = new_hidden

@@ -391,15 +391,21 @@ class Comparison:
 
 
 def compare(before: IntegrityReport, after: IntegrityReport, tolerances: dict[int, float] | float) -> Comparison:
-    """Compare the Wilson traces of two reports System by System.
+    """Compare the Wilson traces of two reports System by System (see `compare_loops`)."""
+    return compare_loops(before.wilson, after.wilson, tolerances)
+
+
+def compare_loops(before: list[WilsonLoop], after: list[WilsonLoop],
+                  tolerances: dict[int, float] | float) -> Comparison:
+    """Compare two lists of Wilson loops System by System.
 
     tolerances is one relative change for every System, or one per System (for example
     `WilsonDrift.tolerances()`). A System present before but missing or non-finite after
-    counts as exceeded; Systems added after the first report are not compared.
+    counts as exceeded; Systems added after the first list are not compared.
     """
-    after_by_system = {loop.system: loop for loop in after.wilson}
+    after_by_system = {loop.system: loop for loop in after}
     changes, limits, exceeded = {}, {}, []
-    for loop in before.wilson:
+    for loop in before:
         limit = tolerances if isinstance(tolerances, (int, float)) else tolerances.get(loop.system, 0.0)
         limits[loop.system] = float(limit)
         new = after_by_system.get(loop.system)

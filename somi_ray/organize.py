@@ -22,6 +22,7 @@ import torch
 
 from somi_ray.compress import AutoCompress, CompressionPolicy, EvalFn
 from somi_ray.grow import AutoGrow, GrowthPolicy, StressTracker, derived_patience, structure_summary
+from somi_ray.integrity import WilsonDrift, wilson_loops
 from somi_ray.model import LearnStats, SomiModel
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class SelfOrganizer:
         self.grower = AutoGrow(self.policy.grow) if self.policy.grow is not None else None
         self.compressor = AutoCompress(self.policy.compress) if self.policy.compress is not None else None
         self.optimizer_stale = False  # set after a change of parameters; the caller rebuilds its optimizer and clears it
+        # Wilson traces recorded once per stress window: a compression may move each loop
+        # no further than one window of ordinary learning does.
+        self.wilson = WilsonDrift()
 
     @classmethod
     def from_flags(cls, auto_grow: bool = True, auto_compress: bool = True,
@@ -67,6 +71,8 @@ class SelfOrganizer:
         """
         self.tracker.configure(derived_patience(model.config, batch.numel()))
         self.tracker.push(stats.jepa_error, stats.stress_per_part)
+        if self.tracker.steps_since_change % self.tracker.patience == 0:
+            self.wilson.record(wilson_loops(model))
 
         if self.grower is not None:
             decision = self.grower.decide(model, self.tracker, step)
@@ -82,6 +88,7 @@ class SelfOrganizer:
     def _grow(self, model: SomiModel, decision, step: int) -> dict:
         bpb_before = self.eval_fn(model) if self.eval_fn is not None else None
         record = self.grower.apply(model, decision, self.tracker, step)
+        self.wilson.last.clear()  # the loops of a new structure start a new series
         if self.compressor is not None:
             self.compressor.last_change_step = step
         self.optimizer_stale = True
@@ -93,7 +100,7 @@ class SelfOrganizer:
         return {"kind": "grow", "details": details, "metrics": metrics}
 
     def _compress(self, model: SomiModel, plan, step: int, batch: torch.Tensor) -> dict:
-        result = self.compressor.apply(model, plan, batch, step, self.eval_fn)
+        result = self.compressor.apply(model, plan, batch, step, self.eval_fn, self.wilson.tolerances())
         if self.grower is not None:
             self.grower.last_change_step = step
         if result.accepted:
@@ -101,6 +108,7 @@ class SelfOrganizer:
             # A smaller model starts a new history. The old baseline becomes the reference
             # for rises, and the next compression waits for a baseline of the new structure.
             self.tracker.reset()
+            self.wilson.last.clear()
         metrics = {key: value for key, value in result.metrics.items() if key not in ("before", "after")}
         metrics.update(self._sizes(result.metrics["before"], result.metrics["after"]))
         metrics["rolled_back"] = not result.accepted

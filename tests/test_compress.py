@@ -1,5 +1,7 @@
 """Compression operations, calibration, the rollback guard and the AutoCompress trigger."""
 
+import math
+
 import numpy as np
 import torch
 
@@ -145,7 +147,8 @@ def test_plan_respects_min_hidden():
 def test_auto_compress_waits_for_sustained_low_stress():
     model = trained_model(hidden=24)
     tracker = StressTracker(20)
-    compressor = AutoCompress(CompressionPolicy(redundancy_r2=0.0))  # every feature counts as redundant
+    # Every feature counts as redundant; the settled-structure trigger is out of reach here.
+    compressor = AutoCompress(CompressionPolicy(redundancy_r2=0.0, calm_windows=1000))
     rng = np.random.default_rng(0)
     plans = []
     values = np.concatenate([0.9 + 0.01 * rng.standard_normal(200), 0.8 + 0.01 * rng.standard_normal(60)])
@@ -157,3 +160,65 @@ def test_auto_compress_waits_for_sustained_low_stress():
             break
     assert plans
     assert plans[0] >= 200
+
+
+def settled_trigger_step(policy: CompressionPolicy, values: np.ndarray, patience: int = 20) -> int | None:
+    """First step at which AutoCompress asks for a plan on the stress sequence, or None."""
+    model = trained_model(hidden=24)
+    tracker = StressTracker(patience)
+    compressor = AutoCompress(policy)
+    for step, value in enumerate(values):
+        tracker.push(float(value))
+        plan = compressor.decide(model, tracker, step, batch())
+        if plan is not None:
+            assert plan.remove
+            assert "settled" in plan.trigger
+            return step
+    return None
+
+
+def test_auto_compress_on_settled_structure_with_redundancy():
+    rng = np.random.default_rng(1)
+    values = 0.9 + 0.01 * rng.standard_normal(300)
+    step = settled_trigger_step(CompressionPolicy(redundancy_r2=0.0, calm_windows=6), values)
+    assert step is not None
+    assert step + 1 >= 6 * 20  # steps count from 0
+
+
+def test_auto_compress_settled_needs_features_to_remove():
+    rng = np.random.default_rng(1)
+    values = 0.9 + 0.01 * rng.standard_normal(300)
+    nothing = CompressionPolicy(redundancy_r2=1.0, dark_sigmas=math.inf, calm_windows=6)
+    assert settled_trigger_step(nothing, values) is None
+
+
+def test_auto_compress_not_while_stress_rises():
+    rng = np.random.default_rng(1)
+    values = np.linspace(0.9, 1.2, 300) + 0.01 * rng.standard_normal(300)
+    assert settled_trigger_step(CompressionPolicy(redundancy_r2=0.0, calm_windows=6), values) is None
+
+
+def test_compression_moving_wilson_loops_rolls_back():
+    model = trained_model(hidden=24)
+    before = state_copy(model)
+    plan = CompressionPlan(remove=list(range(0, 6)), prune_edges=True)
+    policy = CompressionPolicy(calibration_steps=2, bpb_tolerance=10.0, drift_tolerance=10.0)
+
+    result = compress(model, plan, batch(), policy, wilson_tolerances={0: 1e-9})
+
+    assert not result.accepted
+    assert "Wilson" in result.reason
+    assert result.metrics["wilson_changes"][0] > 1e-9
+    for name, tensor in before.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_compression_within_wilson_tolerance_is_kept():
+    model = trained_model(hidden=24)
+    plan = CompressionPlan(remove=list(range(0, 6)), prune_edges=True)
+    policy = CompressionPolicy(calibration_steps=2, bpb_tolerance=10.0, drift_tolerance=10.0)
+
+    result = compress(model, plan, batch(), policy, wilson_tolerances={0: 10.0})
+
+    assert result.accepted, result.reason
+    assert model.config.hidden_size == 18

