@@ -45,8 +45,13 @@ class CompressionPolicy:
 
     low_sigmas: float = 3.0  # a window mean this many step-level sds below the baseline is sustained low stress
     calm_windows: int = 4  # windows of stable stress, not above the baseline, that make a structure settled
+    stress_sigmas: float = 1.0  # a compression may raise the guard batch's stress by this many baseline sds
     dark_sigmas: float = 1.5  # combined robust z-score above which a feature is dark matter
     redundancy_r2: float = 0.98  # a feature the others predict with R^2 above this is redundant
+    # A candidate stays in a plan only when removing it alone, on a copy, moves the logits of
+    # the calibration inputs by at most this mean KL (nats per token); math.inf skips the test.
+    removal_kl: float = 0.005
+    low_saliency: bool = True  # also propose the features whose removal alone costs under removal_kl
     max_remove_fraction: float = 0.25  # most features one compression removes, as a share of H
     min_hidden: int = 16  # H never shrinks below this
     edge_fraction: float = 0.05  # edges below this share of their row's mean edge weight are pruned
@@ -69,7 +74,8 @@ class CompressionPlan:
     """The features, edges and weight format that one compression changes."""
 
     remove: list[int] = field(default_factory=list)  # feature indices to remove
-    reasons: dict[int, str] = field(default_factory=dict)  # feature -> "dark-matter" or "redundant"
+    reasons: dict[int, str] = field(default_factory=dict)  # feature -> "dark-matter", "redundant" or "low-saliency"
+    removal_kl: dict[int, float] = field(default_factory=dict)  # feature -> measured KL of removing it alone
     prune_edges: bool = True
     int8_weights: bool = False
     trigger: str = ""  # why AutoCompress asked for this plan, with the numbers that decided it
@@ -77,7 +83,9 @@ class CompressionPlan:
     def describe(self) -> dict:
         dark = sorted(i for i, r in self.reasons.items() if r == "dark-matter")
         redundant = sorted(i for i, r in self.reasons.items() if r == "redundant")
-        return {"dark_matter_features": dark, "redundant_features": redundant,
+        quiet = sorted(i for i, r in self.reasons.items() if r == "low-saliency")
+        return {"dark_matter_features": dark, "redundant_features": redundant, "low_saliency_features": quiet,
+                "removal_kl": {str(i): round(kl, 6) for i, kl in sorted(self.removal_kl.items())},
                 "prune_edges": self.prune_edges, "int8_weights": self.int8_weights, "trigger": self.trigger}
 
 
@@ -159,27 +167,68 @@ def redundant_features(hidden: torch.Tensor, r2_threshold: float, limit: int,
     return chosen
 
 
+def removal_costs(model: SomiModel, inputs: torch.Tensor, features: list[int], hidden: torch.Tensor,
+                  reference_logits: torch.Tensor) -> dict[int, float]:
+    """Return, per feature, the mean KL (nats per token) of the logits on `inputs` after removing it alone.
+
+    Each removal runs on a copy with the same decoder fold as a real compression, so the
+    cost includes what the feature did inside every Part, not only its share of the readout.
+    """
+    H = model.config.hidden_size
+    costs = {}
+    for feature in features:
+        candidate = copy.deepcopy(model)
+        shrink_hidden(candidate, [i for i in range(H) if i != feature], fold_from=hidden)
+        candidate.eval()
+        with torch.no_grad():
+            costs[feature] = float(mean_kl(reference_logits, candidate(inputs)))
+    return costs
+
+
 def plan_compression(model: SomiModel, inputs: torch.Tensor, policy: CompressionPolicy,
                      strength: float = 1.0) -> CompressionPlan:
-    """Choose dark-matter and redundant features to remove, at most strength * max_remove_fraction of H."""
+    """Choose features to remove, at most strength * max_remove_fraction of H.
+
+    Candidates are dark-matter features, redundant features and, with `low_saliency`, the
+    features with the smallest share of the logits. Each candidate is then removed alone on a
+    copy, and only those whose removal moves the logits by at most `removal_kl` stay.
+    """
     H = model.config.hidden_size
     limit = min(int(H * policy.max_remove_fraction * strength), H - policy.min_hidden)
     plan = CompressionPlan(prune_edges=policy.edge_fraction > 0, int8_weights=policy.int8_weights)
     if limit <= 0:
         return plan
 
+    candidates: dict[int, str] = {}
     scores = dark_matter_scores(model)
-    order = torch.argsort(scores, descending=True)
-    for feature in order.tolist():
-        if len(plan.remove) >= limit or not scores[feature] > policy.dark_sigmas:
+    for feature in torch.argsort(scores, descending=True).tolist():
+        if len(candidates) >= limit or not scores[feature] > policy.dark_sigmas:
             break
-        plan.remove.append(feature)
-        plan.reasons[feature] = "dark-matter"
+        candidates[feature] = "dark-matter"
 
-    _, hidden = decoder_inputs(model, inputs)
-    for feature in redundant_features(hidden, policy.redundancy_r2, limit - len(plan.remove), set(plan.remove)):
+    logits, hidden = decoder_inputs(model, inputs)
+    for feature in redundant_features(hidden, policy.redundancy_r2, limit, set(candidates)):
+        candidates[feature] = "redundant"
+    if policy.low_saliency:
+        # A feature's share of the logits: its mean square at the decoder input times the
+        # squared norm of its decoder column. The smallest shares are the cheapest to test.
+        share = hidden.pow(2).mean(0) * model.decoder.weight.detach().pow(2).sum(0)
+        quiet = [f for f in torch.argsort(share).tolist() if f not in candidates][:2 * limit]
+        for feature in quiet:
+            candidates[feature] = "low-saliency"
+
+    if math.isinf(policy.removal_kl):
+        chosen = list(candidates)[:limit]
+    else:
+        costs = removal_costs(model, inputs, list(candidates), hidden, logits)
+        plan.removal_kl = {f: kl for f, kl in costs.items() if kl <= policy.removal_kl}
+        rank = {"dark-matter": 0, "redundant": 1, "low-saliency": 2}
+        affordable = sorted(plan.removal_kl, key=lambda f: (rank[candidates[f]], costs[f]))
+        chosen = affordable[:limit]
+        plan.removal_kl = {f: costs[f] for f in chosen}
+    for feature in chosen:
         plan.remove.append(feature)
-        plan.reasons[feature] = "redundant"
+        plan.reasons[feature] = candidates[feature]
     plan.remove.sort()
     return plan
 
@@ -367,13 +416,16 @@ def bits_per_token(model: SomiModel, batch: torch.Tensor) -> float:
 
 
 def compress(model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, policy: CompressionPolicy,
-             eval_fn: EvalFn | None = None, wilson_tolerances: dict[int, float] | None = None) -> CompressionResult:
+             eval_fn: EvalFn | None = None, wilson_tolerances: dict[int, float] | None = None,
+             stress_tolerance: float | None = None) -> CompressionResult:
     """Apply a plan to a copy of the model, calibrate it and keep it only if it passes the guards.
 
     `batch` (B, T+1) with B >= 2 is split: the first half calibrates, the second half measures
     logit drift, and, without `eval_fn`, also the bits per token that stand in for held-out
     bits per byte. With `wilson_tolerances` (relative change of each System's Wilson trace,
-    for example `WilsonDrift.tolerances()`), a loop that moves further also rolls back.
+    for example `WilsonDrift.tolerances()`), a loop that moves further also rolls back. With
+    `stress_tolerance`, so does a rise of the guard half's mean stress beyond it: a smaller
+    model under more stress would only ask to grow back.
     On acceptance the model takes over the copy's state in place, so the caller must rebuild
     its optimizer. On rejection the model is left exactly as it was.
     """
@@ -386,6 +438,7 @@ def compress(model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, polic
     before = structure_summary(model)
     score_before = eval_fn(model) if eval_fn is not None else bits_per_token(model, guard)
     loops_before = wilson_loops(model)
+    stress_before = float(model.measure_stress(guard)["per_token"].mean())
 
     candidate = copy.deepcopy(model)
     details: dict = {"plan": plan.describe(), "features_removed": len(plan.remove)}
@@ -415,6 +468,8 @@ def compress(model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, polic
                            wilson_tolerances if wilson_tolerances is not None else math.inf)
     metrics["wilson_changes"] = wilson.changes
     metrics["wilson_tolerances"] = wilson.tolerances
+    stress_after = float(candidate.measure_stress(guard)["per_token"].mean())
+    metrics["stress_before"], metrics["stress_after"] = stress_before, stress_after
 
     rise = (score_after - score_before) / max(abs(score_before), 1e-12)
     if rise > policy.bpb_tolerance:
@@ -422,6 +477,10 @@ def compress(model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, polic
         accepted = False
     elif drift > policy.drift_tolerance:
         reason = f"logit drift {drift:.4f} nats > {policy.drift_tolerance}: rolled back"
+        accepted = False
+    elif stress_tolerance is not None and stress_after - stress_before > stress_tolerance:
+        reason = (f"stress rose {stress_before:.4f} -> {stress_after:.4f} "
+                  f"(> {stress_tolerance:.4f}): rolled back")
         accepted = False
     elif wilson.exceeded:
         moved = ", ".join(f"System {system} {wilson.changes[system]:.3g} > {wilson.tolerances[system]:.3g}"
@@ -461,14 +520,14 @@ class AutoCompress:
 
     - a drop: the last window of stress sits `low_sigmas` step-level sds below the baseline
       (the stable stress adopted at the current structure), and the model has something to
-      remove: dark-matter or redundant features, or weak edges;
+      remove: features it can afford to lose, or weak edges;
     - a settled structure: the structure has not changed for `calm_windows` windows, stress is
-      stable and at most one sd above the baseline, so nothing asks for more capacity, and
-      the model has dark-matter or redundant features. Weak edges alone do not count here.
+      stable and at most one sd above the baseline, so no growth is due, and the model has
+      features it can afford to lose (see `plan_compression`). Weak edges alone do not count here.
 
-    The second form exists because stress need not fall on text the model memorises: on
+    The second form exists because stress need not fall on text the model memorises. On
     one act of a play repeated, the training loss fell while the JEPA stress stayed level or
-    rose, since the target encoder follows an embedding that keeps changing. A rolled-back
+    rose, because the target encoder follows an embedding that keeps changing. A rolled-back
     attempt halves the strength (the share of features removed) and doubles the cooldown
     before the next one.
     """
@@ -478,6 +537,7 @@ class AutoCompress:
         self.last_change_step: int | None = None
         self.strength = 1.0
         self.backoff = 1
+        self.last_plan_step: int | None = None  # plans cost a forward pass per candidate, so at most one per window
 
     def cooldown(self, tracker: StressTracker) -> int:
         base = self.policy.cooldown if self.policy.cooldown is not None else int(tracker.patience)
@@ -500,7 +560,10 @@ class AutoCompress:
                    and tracker.stable() and deviation <= 1.0)
         if not (dropped or settled):
             return None
+        if self.last_plan_step is not None and step - self.last_plan_step < tracker.patience:
+            return None
 
+        self.last_plan_step = step
         plan = plan_compression(model, batch[:, :-1], self.policy, self.strength)
         baseline = tracker.baseline.mean
         if dropped:
@@ -515,8 +578,11 @@ class AutoCompress:
         return plan
 
     def apply(self, model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, step: int,
-              eval_fn: EvalFn | None = None, wilson_tolerances: dict[int, float] | None = None) -> CompressionResult:
-        result = compress(model, plan, batch, self.policy, eval_fn, wilson_tolerances)
+              eval_fn: EvalFn | None = None, wilson_tolerances: dict[int, float] | None = None,
+              tracker: StressTracker | None = None) -> CompressionResult:
+        level = tracker.baseline or tracker.reference if tracker is not None else None
+        stress_tolerance = self.policy.stress_sigmas * level.sd if level is not None else None
+        result = compress(model, plan, batch, self.policy, eval_fn, wilson_tolerances, stress_tolerance)
         self.last_change_step = step
         if result.accepted:
             self.strength, self.backoff = 1.0, 1

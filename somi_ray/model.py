@@ -55,7 +55,7 @@ class Part(nn.Module):
         # the others'. It starts at zero and only the local rule changes it.
         self.register_buffer("coupling", torch.zeros(H, H))  # (H, H)
         # Running second moment of the uncoupled drive, sum_t w s s^T, which preconditions
-        # the coupling's rule; all zero until the first local step.
+        # the coupling's rule. It is all zero until the first local step.
         self.register_buffer("drive_moments", torch.zeros(H, H))  # (H, H)
         self.register_buffer("n_modes", torch.tensor(config.n_modes))  # K of this Part's eigen cache
         self.register_buffer("stress_ema", torch.tensor(float("nan")))  # running JEPA error

@@ -100,7 +100,7 @@ class SelfOrganizer:
         return {"kind": "grow", "details": details, "metrics": metrics}
 
     def _compress(self, model: SomiModel, plan, step: int, batch: torch.Tensor) -> dict:
-        result = self.compressor.apply(model, plan, batch, step, self.eval_fn, self.wilson.tolerances())
+        result = self.compressor.apply(model, plan, batch, step, self.eval_fn, self.wilson.tolerances(), self.tracker)
         if self.grower is not None:
             self.grower.last_change_step = step
         if result.accepted:

@@ -13,6 +13,8 @@ from somi_ray.compress import (
     dark_matter_scores,
     dequantize_rows,
     plan_compression,
+    removal_costs,
+    decoder_inputs,
     quantize_rows,
     redundant_features,
     shrink_hidden,
@@ -148,7 +150,7 @@ def test_auto_compress_waits_for_sustained_low_stress():
     model = trained_model(hidden=24)
     tracker = StressTracker(20)
     # Every feature counts as redundant; the settled-structure trigger is out of reach here.
-    compressor = AutoCompress(CompressionPolicy(redundancy_r2=0.0, calm_windows=1000))
+    compressor = AutoCompress(CompressionPolicy(redundancy_r2=0.0, removal_kl=math.inf, calm_windows=1000))
     rng = np.random.default_rng(0)
     plans = []
     values = np.concatenate([0.9 + 0.01 * rng.standard_normal(200), 0.8 + 0.01 * rng.standard_normal(60)])
@@ -163,7 +165,7 @@ def test_auto_compress_waits_for_sustained_low_stress():
 
 
 def settled_trigger_step(policy: CompressionPolicy, values: np.ndarray, patience: int = 20) -> int | None:
-    """First step at which AutoCompress asks for a plan on the stress sequence, or None."""
+    """Return the first step at which AutoCompress returns a plan for the stress sequence, or None."""
     model = trained_model(hidden=24)
     tracker = StressTracker(patience)
     compressor = AutoCompress(policy)
@@ -180,7 +182,7 @@ def settled_trigger_step(policy: CompressionPolicy, values: np.ndarray, patience
 def test_auto_compress_on_settled_structure_with_redundancy():
     rng = np.random.default_rng(1)
     values = 0.9 + 0.01 * rng.standard_normal(300)
-    step = settled_trigger_step(CompressionPolicy(redundancy_r2=0.0, calm_windows=6), values)
+    step = settled_trigger_step(CompressionPolicy(redundancy_r2=0.0, removal_kl=math.inf, calm_windows=6), values)
     assert step is not None
     assert step + 1 >= 6 * 20  # steps count from 0
 
@@ -188,14 +190,15 @@ def test_auto_compress_on_settled_structure_with_redundancy():
 def test_auto_compress_settled_needs_features_to_remove():
     rng = np.random.default_rng(1)
     values = 0.9 + 0.01 * rng.standard_normal(300)
-    nothing = CompressionPolicy(redundancy_r2=1.0, dark_sigmas=math.inf, calm_windows=6)
+    nothing = CompressionPolicy(redundancy_r2=1.0, dark_sigmas=math.inf, low_saliency=False, calm_windows=6)
     assert settled_trigger_step(nothing, values) is None
 
 
 def test_auto_compress_not_while_stress_rises():
     rng = np.random.default_rng(1)
     values = np.linspace(0.9, 1.2, 300) + 0.01 * rng.standard_normal(300)
-    assert settled_trigger_step(CompressionPolicy(redundancy_r2=0.0, calm_windows=6), values) is None
+    policy = CompressionPolicy(redundancy_r2=0.0, removal_kl=math.inf, calm_windows=6)
+    assert settled_trigger_step(policy, values) is None
 
 
 def test_compression_moving_wilson_loops_rolls_back():
@@ -222,3 +225,32 @@ def test_compression_within_wilson_tolerance_is_kept():
 
     assert result.accepted, result.reason
     assert model.config.hidden_size == 18
+
+
+def test_plan_keeps_only_affordable_features():
+    model = trained_model(hidden=24)
+    inputs = batch()[:, :-1]
+    everything = plan_compression(model, inputs, CompressionPolicy(redundancy_r2=0.0, removal_kl=math.inf))
+    assert everything.remove
+    strict = plan_compression(model, inputs, CompressionPolicy(redundancy_r2=0.0, removal_kl=1e-3))
+    assert set(strict.remove) <= set(everything.remove) | {f for f, r in strict.reasons.items() if r == "low-saliency"}
+    for feature in strict.remove:
+        assert strict.removal_kl[feature] <= 1e-3
+    costs = removal_costs(model, inputs, list(range(24)), *reversed(decoder_inputs(model, inputs)))
+    assert len(strict.remove) <= sum(1 for kl in costs.values() if kl <= 1e-3)
+
+
+def test_compression_raising_stress_rolls_back():
+    model = trained_model(hidden=24)
+    before = state_copy(model)
+    plan = CompressionPlan(remove=list(range(0, 6)), prune_edges=True)
+    policy = CompressionPolicy(calibration_steps=2, bpb_tolerance=10.0, drift_tolerance=10.0)
+
+    # A negative tolerance fails any compression that does not lower stress by more than 1.
+    result = compress(model, plan, batch(), policy, stress_tolerance=-1.0)
+
+    assert not result.accepted
+    assert "stress rose" in result.reason
+    assert result.metrics["stress_after"] - result.metrics["stress_before"] > -1.0
+    for name, tensor in before.items():
+        assert torch.equal(model.state_dict()[name], tensor), name

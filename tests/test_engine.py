@@ -287,9 +287,9 @@ def test_local_learning_lowers_jepa_error(text_ids):
     assert min(reductions) >= 0.25, f"local learning lowered the JEPA error by {[f'{r:.1%}' for r in reductions]}"
 
 
-def test_local_learning_without_input_coupling_stays_far_from_the_linear_bound(text_ids):
-    """W and precision alone keep the field a symmetric smoothing of the drive; the coupling
-    is what lets a Part approach the best linear predictor of its target."""
+def test_local_learning_without_coupling_stays_limited(text_ids):
+    """W and precision alone keep the field a symmetric smoothing of the drive. So without the
+    coupling, a Part stays far from the best linear predictor of its target."""
     model = make_model(32, 1)
     model.config.coupling_lr = 0.0
     batch = sample_batch(text_ids, 4, 32, seed=11)

@@ -4,8 +4,8 @@ After the free settle, a second settle is nudged with strength kappa_n towards t
 target z of the next token. For any parameter theta of the energy, equilibrium propagation
 estimates the gradient of the prediction error as (dE/dtheta|nudged - dE/dtheta|free) / kappa_n.
 For W this is the difference of co-activations, the stress tensor S; for the precision it is
-the difference of squared drive errors; for the input coupling U it is the change of the
-drive force times the uncoupled drive.
+the difference of squared drive errors. The input coupling U instead takes a delta-rule step
+through the Part's own linear response (`coupling_step`).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def coupling_step(
     settle's linear response and C = sum_t w s s^T the drive's second moment (`batch_moments`).
     The direction is the gradient preconditioned by the running second moment over recent
     batches (a whitened delta rule), so every drive direction moves at the same rate
-    whatever the drive's scale and correlations; rows of heavy features are scaled by
+    whatever the drive's scale and correlations. Rows of heavy features are scaled by
     sqrt(mean mass / m_i), capped at 1, so they move more slowly. The length is lr times
     the exact minimiser of the batch's quadratic along that direction, so any lr in (0, 2)
     lowers the batch's error, however stale the running moments are.
