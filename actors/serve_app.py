@@ -75,12 +75,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-class CompletionRequest(_Strict):
-    """Body of POST /v1/completions; `learn` and `somi_select` extend the OpenAI fields."""
+class _SamplingRequest(_Strict):
+    """Fields that both generation endpoints accept; `learn` and `somi_select` extend the OpenAI ones."""
 
     model: str | None = None
-    prompt: str
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
@@ -90,6 +88,13 @@ class CompletionRequest(_Strict):
     user: str | None = None
     learn: bool = False  # learn from the prompt before answering (needs a learn token when one is set)
     somi_select: Literal["fusion"] | None = None  # with n > 1, return only the candidate with the best fusion score
+
+
+class CompletionRequest(_SamplingRequest):
+    """Body of POST /v1/completions."""
+
+    prompt: str
+    max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)  # top log-probabilities returned per token
     echo: bool = False  # return the prompt with the completion (and its log-probabilities with `logprobs`)
 
@@ -99,22 +104,12 @@ class ChatMessage(_Strict):
     content: str
 
 
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(_SamplingRequest):
     """Body of POST /v1/chat/completions; messages are rendered as "role: content" lines."""
 
-    model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    user: str | None = None
-    learn: bool = False
-    somi_select: Literal["fusion"] | None = None
 
 
 class LearnRequest(_Strict):

@@ -48,8 +48,8 @@ class CompressionPolicy:
     stress_sigmas: float = 1.0  # a compression may raise the guard batch's stress by this many baseline sds
     dark_sigmas: float = 1.5  # combined robust z-score above which a feature is dark matter
     redundancy_r2: float = 0.98  # a feature the others predict with R^2 above this is redundant
-    # A candidate stays in a plan only when removing it alone, on a copy, moves the logits of
-    # the calibration inputs by at most this mean KL (nats per token); math.inf skips the test.
+    # A candidate joins a plan only when removing it alone, on a copy, moves the logits of the
+    # calibration inputs by at most this mean KL (nats per token). math.inf skips the test.
     removal_kl: float = 0.005
     low_saliency: bool = True  # also propose the features whose removal alone costs under removal_kl
     max_remove_fraction: float = 0.25  # most features one compression removes, as a share of H
@@ -167,31 +167,29 @@ def redundant_features(hidden: torch.Tensor, r2_threshold: float, limit: int,
     return chosen
 
 
-def removal_costs(model: SomiModel, inputs: torch.Tensor, features: list[int], hidden: torch.Tensor,
-                  reference_logits: torch.Tensor) -> dict[int, float]:
-    """Return, per feature, the mean KL (nats per token) of the logits on `inputs` after removing it alone.
+def removal_cost(model: SomiModel, inputs: torch.Tensor, feature: int, hidden: torch.Tensor,
+                 reference_logits: torch.Tensor) -> float:
+    """Measure the mean KL (nats per token) of the logits on `inputs` after removing one feature.
 
-    Each removal runs on a copy with the same decoder fold as a real compression, so the
-    cost includes what the feature did inside every Part, not only its share of the readout.
+    The removal runs on a copy with the same decoder fold as a real compression, so the cost
+    includes what the feature did inside every Part, not only its share of the readout.
     """
     H = model.config.hidden_size
-    costs = {}
-    for feature in features:
-        candidate = copy.deepcopy(model)
-        shrink_hidden(candidate, [i for i in range(H) if i != feature], fold_from=hidden)
-        candidate.eval()
-        with torch.no_grad():
-            costs[feature] = float(mean_kl(reference_logits, candidate(inputs)))
-    return costs
+    candidate = copy.deepcopy(model)
+    shrink_hidden(candidate, [i for i in range(H) if i != feature], fold_from=hidden)
+    candidate.eval()
+    with torch.no_grad():
+        return float(mean_kl(reference_logits, candidate(inputs)))
 
 
 def plan_compression(model: SomiModel, inputs: torch.Tensor, policy: CompressionPolicy,
                      strength: float = 1.0) -> CompressionPlan:
     """Choose features to remove, at most strength * max_remove_fraction of H.
 
-    Candidates are dark-matter features, redundant features and, with `low_saliency`, the
-    features with the smallest share of the logits. Each candidate is then removed alone on a
-    copy, and only those whose removal moves the logits by at most `removal_kl` stay.
+    Candidates are, in this order, dark-matter features, redundant features and, with
+    `low_saliency`, the features with the smallest share of the logits. Each candidate is
+    removed alone on a copy, and it joins the plan only when that moves the logits by at most
+    `removal_kl`. Measuring stops once the plan is full.
     """
     H = model.config.hidden_size
     limit = min(int(H * policy.max_remove_fraction * strength), H - policy.min_hidden)
@@ -210,25 +208,23 @@ def plan_compression(model: SomiModel, inputs: torch.Tensor, policy: Compression
     for feature in redundant_features(hidden, policy.redundancy_r2, limit, set(candidates)):
         candidates[feature] = "redundant"
     if policy.low_saliency:
-        # A feature's share of the logits: its mean square at the decoder input times the
-        # squared norm of its decoder column. The smallest shares are the cheapest to test.
+        # A feature's share of the logits is its mean square at the decoder input times the
+        # squared norm of its decoder column. The smallest shares are the likeliest to be cheap.
         share = hidden.pow(2).mean(0) * model.decoder.weight.detach().pow(2).sum(0)
-        quiet = [f for f in torch.argsort(share).tolist() if f not in candidates][:2 * limit]
+        quiet = [f for f in torch.argsort(share).tolist() if f not in candidates][:limit]
         for feature in quiet:
             candidates[feature] = "low-saliency"
 
-    if math.isinf(policy.removal_kl):
-        chosen = list(candidates)[:limit]
-    else:
-        costs = removal_costs(model, inputs, list(candidates), hidden, logits)
-        plan.removal_kl = {f: kl for f, kl in costs.items() if kl <= policy.removal_kl}
-        rank = {"dark-matter": 0, "redundant": 1, "low-saliency": 2}
-        affordable = sorted(plan.removal_kl, key=lambda f: (rank[candidates[f]], costs[f]))
-        chosen = affordable[:limit]
-        plan.removal_kl = {f: costs[f] for f in chosen}
-    for feature in chosen:
+    for feature, reason in candidates.items():
+        if len(plan.remove) >= limit:
+            break
+        if not math.isinf(policy.removal_kl):
+            cost = removal_cost(model, inputs, feature, hidden, logits)
+            if cost > policy.removal_kl:
+                continue
+            plan.removal_kl[feature] = cost
         plan.remove.append(feature)
-        plan.reasons[feature] = candidates[feature]
+        plan.reasons[feature] = reason
     plan.remove.sort()
     return plan
 
@@ -580,8 +576,11 @@ class AutoCompress:
     def apply(self, model: SomiModel, plan: CompressionPlan, batch: torch.Tensor, step: int,
               eval_fn: EvalFn | None = None, wilson_tolerances: dict[int, float] | None = None,
               tracker: StressTracker | None = None) -> CompressionResult:
-        level = tracker.baseline or tracker.reference if tracker is not None else None
-        stress_tolerance = self.policy.stress_sigmas * level.sd if level is not None else None
+        stress_tolerance = None
+        if tracker is not None:
+            level = tracker.baseline or tracker.reference
+            if level is not None:
+                stress_tolerance = self.policy.stress_sigmas * level.sd
         result = compress(model, plan, batch, self.policy, eval_fn, wilson_tolerances, stress_tolerance)
         self.last_change_step = step
         if result.accepted:

@@ -13,27 +13,15 @@ from somi_ray.compress import (
     dark_matter_scores,
     dequantize_rows,
     plan_compression,
-    removal_costs,
+    removal_cost,
     decoder_inputs,
     quantize_rows,
     redundant_features,
     shrink_hidden,
 )
-from somi_ray.config import SomiConfig
 from somi_ray.grow import StressTracker, grow_hidden
 from somi_ray.model import SomiModel
-
-
-def trained_model(hidden: int = 24, steps: int = 3, seed: int = 0) -> SomiModel:
-    torch.manual_seed(seed)
-    model = SomiModel(SomiConfig.from_scratch(), seed=seed)
-    optimizer = model.make_optimizer()
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        model.learn_step(torch.randint(0, 256, (4, 17), generator=generator), optimizer)
-    if hidden > 16:
-        grow_hidden(model, hidden)
-    return model
+from tests.model_fixtures import trained_model
 
 
 def batch(seed: int = 1, size: int = 8, width: int = 33) -> torch.Tensor:
@@ -149,7 +137,7 @@ def test_plan_respects_min_hidden():
 def test_auto_compress_waits_for_sustained_low_stress():
     model = trained_model(hidden=24)
     tracker = StressTracker(20)
-    # Every feature counts as redundant; the settled-structure trigger is out of reach here.
+    # Every feature counts as redundant. The settled-structure trigger is out of reach here.
     compressor = AutoCompress(CompressionPolicy(redundancy_r2=0.0, removal_kl=math.inf, calm_windows=1000))
     rng = np.random.default_rng(0)
     plans = []
@@ -179,7 +167,7 @@ def settled_trigger_step(policy: CompressionPolicy, values: np.ndarray, patience
     return None
 
 
-def test_auto_compress_on_settled_structure_with_redundancy():
+def test_auto_compress_settled_with_redundancy():
     rng = np.random.default_rng(1)
     values = 0.9 + 0.01 * rng.standard_normal(300)
     step = settled_trigger_step(CompressionPolicy(redundancy_r2=0.0, removal_kl=math.inf, calm_windows=6), values)
@@ -187,7 +175,7 @@ def test_auto_compress_on_settled_structure_with_redundancy():
     assert step + 1 >= 6 * 20  # steps count from 0
 
 
-def test_auto_compress_settled_needs_features_to_remove():
+def test_auto_compress_settled_needs_features():
     rng = np.random.default_rng(1)
     values = 0.9 + 0.01 * rng.standard_normal(300)
     nothing = CompressionPolicy(redundancy_r2=1.0, dark_sigmas=math.inf, low_saliency=False, calm_windows=6)
@@ -236,8 +224,9 @@ def test_plan_keeps_only_affordable_features():
     assert set(strict.remove) <= set(everything.remove) | {f for f, r in strict.reasons.items() if r == "low-saliency"}
     for feature in strict.remove:
         assert strict.removal_kl[feature] <= 1e-3
-    costs = removal_costs(model, inputs, list(range(24)), *reversed(decoder_inputs(model, inputs)))
-    assert len(strict.remove) <= sum(1 for kl in costs.values() if kl <= 1e-3)
+    logits, hidden = decoder_inputs(model, inputs)
+    costs = [removal_cost(model, inputs, feature, hidden, logits) for feature in range(24)]
+    assert len(strict.remove) <= sum(1 for kl in costs if kl <= 1e-3)
 
 
 def test_compression_raising_stress_rolls_back():

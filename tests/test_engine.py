@@ -47,6 +47,15 @@ def make_model(hidden: int = 16, parts: int = 2, seed: int = 0) -> SomiModel:
     return SomiModel(SomiConfig.auto(hidden, parts), seed=seed)
 
 
+def learned_model(text_ids: torch.Tensor) -> SomiModel:
+    """Return an H=16, P=2 model after 5 dual-learning steps on real text, in eval mode."""
+    model = make_model(16, 2)
+    optimizer = model.make_optimizer()
+    for step in range(5):
+        model.learn_step(sample_batch(text_ids, 4, 32, seed=step), optimizer)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def trained(text_ids) -> SomiModel:
     """A model after 100 dual-learning steps on real text."""
@@ -231,11 +240,7 @@ def test_closed_form_matches_rk4(text_ids):
 
 @pytest.mark.parametrize("operation", ["grow_hidden", "add_part", "add_system"])
 def test_growth_keeps_logits(operation, text_ids):
-    model = make_model(16, 2)
-    optimizer = model.make_optimizer()
-    for step in range(5):
-        model.learn_step(sample_batch(text_ids, 4, 32, seed=step), optimizer)
-    model.eval()
+    model = learned_model(text_ids)
     ids = sample_batch(text_ids, 3, 32, seed=9)[:, :-1]
     with torch.no_grad():
         before = model(ids)
@@ -252,11 +257,7 @@ def test_growth_keeps_logits(operation, text_ids):
 
 
 def test_checkpoint_round_trip_is_bitwise(tmp_path, text_ids):
-    model = make_model(16, 2)
-    optimizer = model.make_optimizer()
-    for step in range(5):
-        model.learn_step(sample_batch(text_ids, 4, 32, seed=step), optimizer)
-    model.eval()
+    model = learned_model(text_ids)
     lineage = Lineage()
     lineage.append("init", {"hidden": 16})
     save_checkpoint(tmp_path / "ckpt", model, '{"model": "bytes"}', lineage)
@@ -308,7 +309,7 @@ def test_local_learning_without_coupling_stays_limited(text_ids):
     assert all(float(part.coupling.abs().sum()) == 0.0 for part in model.parts)
 
 
-def test_coupling_step_converges_to_the_least_squares_map():
+def test_coupling_step_reaches_least_squares():
     """On a fixed linear response and drive, repeated steps reach the least-squares coupling."""
     from somi_ray.physics.stress import coupling_step
 
@@ -334,7 +335,7 @@ def test_coupling_step_converges_to_the_least_squares_map():
     assert torch.allclose(reached, source @ best, atol=1e-4)
 
 
-def test_checkpoint_without_input_coupling_loads_with_zero_coupling(tmp_path, text_ids):
+def test_old_checkpoint_loads_zero_coupling(tmp_path, text_ids):
     """Checkpoints saved before Parts had an input coupling still load, with the same logits."""
     model = make_model(16, 2)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith((".coupling", ".drive_moments"))}

@@ -15,19 +15,9 @@ from somi_ray.grow import (
 )
 from somi_ray.model import SomiModel
 from somi_ray.organize import OrganizerPolicy, SelfOrganizer
+from tests.model_fixtures import shakespeare_byte_batches, trained_model
 
 PATIENCE = 20
-
-
-def trained_model(steps: int = 3, seed: int = 0) -> SomiModel:
-    """A from-scratch model after a few learning steps, so W, mass and gains are not at their start."""
-    torch.manual_seed(seed)
-    model = SomiModel(SomiConfig.from_scratch(), seed=seed)
-    optimizer = model.make_optimizer()
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        model.learn_step(torch.randint(0, 256, (4, 17), generator=generator), optimizer)
-    return model.eval()
 
 
 def eval_logits(model: SomiModel, ids: torch.Tensor) -> torch.Tensor:
@@ -37,7 +27,7 @@ def eval_logits(model: SomiModel, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("operation", ["hidden", "part", "system", "all"])
 def test_growth_keeps_logits(operation):
-    model = trained_model()
+    model = trained_model().eval()
     ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
     before = eval_logits(model, ids)
 
@@ -55,7 +45,7 @@ def test_growth_keeps_logits(operation):
 
 
 def test_grown_model_keeps_learning():
-    model = trained_model()
+    model = trained_model().eval()
     grow_hidden(model, 24)
     add_part(model)
     optimizer = model.make_optimizer()
@@ -66,7 +56,7 @@ def test_grown_model_keeps_learning():
 
 
 def test_growth_keeps_forward_constants():
-    model = trained_model(steps=0)
+    model = trained_model(steps=0).eval()
     tau = model.config.field_tau
     grow_hidden(model, 64)
     assert model.config.field_tau == tau
@@ -153,16 +143,6 @@ def test_size_limit_stops_growth():
 # ------------------------------------------------------------------ real short runs
 
 
-def byte_batches(batch_size: int, seq_len: int, seed: int):
-    from somi_ray.assets import corpus_path
-
-    data = np.frombuffer(corpus_path("shakespeare", "train").read_bytes()[:400_000], dtype=np.uint8)
-    rng = np.random.default_rng(seed)
-    while True:
-        starts = rng.integers(0, len(data) - seq_len - 1, batch_size)
-        yield torch.from_numpy(np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64))
-
-
 def test_real_text_run_grows_on_stress_rise():
     """Shakespeare bytes, then random bytes: stress rises on the random bytes and the model grows."""
     torch.manual_seed(0)
@@ -171,7 +151,7 @@ def test_real_text_run_grows_on_stress_rise():
     policy = OrganizerPolicy(grow=GrowthPolicy(max_hidden=24), compress=None, patience=10)
     organizer = SelfOrganizer(policy)
     generator = torch.Generator().manual_seed(0)
-    text = byte_batches(4, 16, seed=0)
+    text = shakespeare_byte_batches(4, 16, seed=0, n_bytes=400_000)
     events, stresses = [], []
     for step in range(160):
         batch = next(text) if step < 100 else torch.randint(0, 256, (4, 17), generator=generator)

@@ -11,16 +11,7 @@ from somi_ray.grow import GrowthPolicy
 from somi_ray.lineage import EVENT_KINDS, Lineage
 from somi_ray.model import SomiModel
 from somi_ray.organize import OrganizerPolicy, SelfOrganizer
-
-
-def shakespeare_batches(batch_size: int, seq_len: int, seed: int):
-    from somi_ray.assets import corpus_path
-
-    data = np.frombuffer(corpus_path("shakespeare", "train").read_bytes()[:200_000], dtype=np.uint8)
-    rng = np.random.default_rng(seed)
-    while True:
-        starts = rng.integers(0, len(data) - seq_len - 1, batch_size)
-        yield torch.from_numpy(np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+from tests.model_fixtures import shakespeare_byte_batches
 
 
 def test_from_flags_switches_halves():
@@ -48,7 +39,7 @@ def test_short_run_events_are_lineage_ready():
 
     organizer = SelfOrganizer(policy, eval_fn=eval_fn)
     lineage = Lineage()
-    batches = shakespeare_batches(4, 16, seed=0)
+    batches = shakespeare_byte_batches(4, 16, seed=0, n_bytes=200_000)
     for step in range(70):
         batch = next(batches)
         stats = model.learn_step(batch, optimizer)
