@@ -4,8 +4,9 @@
 
 Phase 1 starts from SomiConfig.from_scratch() (H=16, P=1) and streams the Shakespeare
 training works in order, batch after batch, with automatic growth and compression on.
-Phase 2 feeds one act repeated many times, text the model can memorise. Its loss falls, and
-once its structure has settled with redundant or dark-matter features, compression triggers. Held-out bits per byte is measured on the start of the
+Phase 2 feeds one act repeated many times, text the model can memorise, where compression
+should trigger once the structure has settled. NOTE: in measured runs the model grew on the
+repeated act instead, because its stress drifts upwards while it keeps learning. Held-out bits per byte is measured on the start of the
 held-out works every --eval-every steps and around every structural event.
 
 The tokenizer is byte-level (V=256, one token per UTF-8 byte), chosen for speed; bits per

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         model.decoder.bias.copy_(torch.from_numpy(unigram_model.log_probs).float())
     if args.no_context:
-        # With c = 0 the drive of position t is x_t alone: every layer is per position, so
-        # the model is a function of the current token, like the bigram.
+        # With c = 0 the drive of position t is x_t alone. Every layer works per position,
+        # so the model is a function of the current token, like the bigram.
         for part in model.parts:
             part.context_gain.requires_grad_(False)
             part.context_gain.data.zero_()

@@ -97,7 +97,7 @@ class Part(nn.Module):
         return fixed_width_norm(mixed, self.config.norm_width) * self.drive_gain
 
     def couple(self, s: torch.Tensor) -> torch.Tensor:
-        """The settle's drive s + U s for drives s (..., H)."""
+        """Return the settle's drive s + U s for drives s (..., H)."""
         return s + s @ self.coupling.T
 
     def forward(
@@ -502,8 +502,8 @@ class SomiModel(nn.Module):
             part.invalidate()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # Checkpoints written before Parts had an input coupling load with U = 0, which is
-        # the function they were saved with, and no drive statistics.
+        # Checkpoints written before Parts had an input coupling load with U = 0, the function
+        # they were saved with, and with empty drive statistics.
         state_dict = dict(state_dict)
         for index, part in enumerate(self.parts):
             weight = state_dict.get(f"parts.{index}.W")

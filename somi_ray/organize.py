@@ -47,8 +47,8 @@ class SelfOrganizer:
         self.grower = AutoGrow(self.policy.grow) if self.policy.grow is not None else None
         self.compressor = AutoCompress(self.policy.compress) if self.policy.compress is not None else None
         self.optimizer_stale = False  # set after a change of parameters; the caller rebuilds its optimizer and clears it
-        # Wilson traces recorded once per stress window: a compression may move each loop
-        # no further than one window of ordinary learning does.
+        # Wilson traces are recorded once per stress window, so a compression may move each
+        # loop no further than one window of ordinary learning does.
         self.wilson = WilsonDrift()
 
     @classmethod
