@@ -4,10 +4,11 @@
 
 Phase 1 starts from SomiConfig.from_scratch() (H=16, P=1) and streams the Shakespeare
 training works in order, batch after batch, with automatic growth and compression on.
-Phase 2 feeds one act repeated many times, text the model can memorise, where compression
-should trigger once the structure has settled. NOTE: in measured runs the model grew on the
-repeated act instead, because its stress drifts upwards while it keeps learning. Held-out bits per byte is measured on the start of the
-held-out works every --eval-every steps and around every structural event.
+Phase 2 feeds one act repeated many times, text the model can memorise. Every growth is on
+trial beside an ungrown copy and undone unless it lowers held-out bits per byte, so growth
+stops when more capacity stops helping, and on the repeated act it does not help. Held-out
+bits per byte is measured on the start of the held-out works every --eval-every steps and
+around every structural event.
 
 The tokenizer is byte-level (V=256, one token per UTF-8 byte), chosen for speed; bits per
 byte is then nats per token / ln 2. The run writes a checkpoint with its lineage to --out and
@@ -28,11 +29,13 @@ import torch
 
 from somi_ray import assets
 from somi_ray.config import SomiConfig
+from somi_ray.compress import CompressionPolicy
 from somi_ray.data import byte_tokenizer
 from somi_ray.evaluate import bits_per_byte
+from somi_ray.grow import GrowthPolicy
 from somi_ray.lineage import Lineage, save_checkpoint
 from somi_ray.model import SomiModel
-from somi_ray.organize import SelfOrganizer, current_structure
+from somi_ray.organize import OrganizerPolicy, SelfOrganizer, current_structure
 
 
 def stream_batches(data: np.ndarray, batch_size: int, seq_len: int):
@@ -54,10 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=150, help="steps between held-out bits per byte reports")
     parser.add_argument("--eval-bytes", type=int, default=6000, help="held-out bytes scored per report")
     parser.add_argument("--minutes", type=float, default=14.0, help="wall-clock budget; phases are cut to fit")
+    parser.add_argument("--trial-windows", type=int, default=GrowthPolicy.trial_windows,
+                        help="stress windows an ungrown copy learns beside each growth before it is judged")
+    parser.add_argument("--min-hidden", type=int, default=CompressionPolicy.min_hidden,
+                        help="hidden size that compression never goes below")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 makes runs repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     started = time.time()
 
     tokenizer = byte_tokenizer()
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     lineage = Lineage()
     lineage.append("init", {"config": "from_scratch", "tokenizer": "byte-level, V=256"},
                    {**current_structure(model), "bpb": held_out_bpb(model)})
-    organizer = SelfOrganizer.from_flags(auto_grow=True, auto_compress=True, eval_fn=held_out_bpb)
+    policy = OrganizerPolicy(grow=GrowthPolicy(trial_windows=args.trial_windows), compress=CompressionPolicy(min_hidden=args.min_hidden))
+    organizer = SelfOrganizer(policy, eval_fn=held_out_bpb)
     optimizer = model.make_optimizer()
     out = Path(args.out)
     history = []

@@ -10,18 +10,23 @@
             organizer.optimizer_stale = False
 
 One StressTracker reads the stress of every step; AutoGrow and AutoCompress decide from it.
-Growth wins when both ask in the same step. Every change is returned as a lineage-ready event.
+Growth wins when both ask in the same step. A growth then stays on trial for `trial_windows`
+stress windows: an ungrown copy learns on the same batches, nothing else is decided, and the
+growth is undone unless the grown model comes out ahead. Every change and every verdict is
+returned as a lineage-ready event.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from somi_ray.compress import AutoCompress, CompressionPolicy, EvalFn
-from somi_ray.grow import AutoGrow, GrowthPolicy, StressTracker, derived_patience, structure_summary
+from somi_ray.compress import AutoCompress, CompressionPolicy, EvalFn, adopt_state
+from somi_ray.grow import AutoGrow, GrowthPolicy, StressLevel, StressTracker, derived_patience, structure_summary
 from somi_ray.integrity import WilsonDrift, wilson_loops
 from somi_ray.model import LearnStats, SomiModel
 
@@ -37,6 +42,22 @@ class OrganizerPolicy:
     patience: int | None = None  # steps per stress window; None derives it from the cascade and the batch size
 
 
+@dataclass
+class GrowthTrial:
+    """A growth on probation: an ungrown copy learns on the same batches until the growth is judged."""
+
+    kind: str
+    step: int  # step of the growth
+    steps: int  # steps until the judgement
+    ungrown: SomiModel
+    optimizer: torch.optim.Optimizer
+    trigger: StressLevel | None = None  # stress of the window that asked for the growth
+    grown_losses: list[float] = field(default_factory=list)
+    ungrown_losses: list[float] = field(default_factory=list)
+    grown_stress: list[float] = field(default_factory=list)
+    ungrown_stress: list[float] = field(default_factory=list)
+
+
 class SelfOrganizer:
     """Grow and compress a model by itself from the stress of its learning steps."""
 
@@ -50,6 +71,7 @@ class SelfOrganizer:
         # Wilson traces are recorded once per stress window, so a compression may move each
         # loop no further than one window of ordinary learning does.
         self.wilson = WilsonDrift()
+        self.trial: GrowthTrial | None = None  # the growth being judged, if any
 
     @classmethod
     def from_flags(cls, auto_grow: bool = True, auto_compress: bool = True,
@@ -67,12 +89,16 @@ class SelfOrganizer:
         Each event is a dict with "kind" ("grow" or "compress"), "details" and "metrics", ready for
         `Lineage.append(kind, details, metrics)`. A compression that was rolled back is returned
         as a "compress" event with details["accepted"] False and metrics["rolled_back"] True; the
-        model is unchanged then, so the caller may record it without a version bump.
+        model is unchanged then, so the caller may record it without a version bump. The verdict
+        of a growth trial is a "grow" event with details["action"] "trial"; when the growth was
+        undone, metrics["rolled_back"] is True and the model is its ungrown copy again.
         """
         self.tracker.configure(derived_patience(model.config, batch.numel()))
         self.tracker.push(stats.jepa_error, stats.stress_per_part)
         if self.tracker.steps_since_change % self.tracker.patience == 0:
             self.wilson.record(wilson_loops(model))
+        if self.trial is not None:
+            return self._continue_trial(model, stats, step, batch)
 
         if self.grower is not None:
             decision = self.grower.decide(model, self.tracker, step)
@@ -87,6 +113,11 @@ class SelfOrganizer:
 
     def _grow(self, model: SomiModel, decision, step: int) -> dict:
         bpb_before = self.eval_fn(model) if self.eval_fn is not None else None
+        trial_steps = self.grower.policy.trial_windows * int(self.tracker.patience)
+        if trial_steps > 0:
+            ungrown = copy.deepcopy(model)
+            self.trial = GrowthTrial(decision.kind, step, trial_steps, ungrown, ungrown.make_optimizer(),
+                                     decision.trigger)
         record = self.grower.apply(model, decision, self.tracker, step)
         self.wilson.last.clear()  # the loops of a new structure start a new series
         if self.compressor is not None:
@@ -96,7 +127,75 @@ class SelfOrganizer:
         if self.eval_fn is not None:
             metrics["bpb_before"] = bpb_before
             metrics["bpb_after"] = self.eval_fn(model)
-        details = {"action": record["action"], "reason": record["reason"], "step": step, "automatic": True}
+        details = {"action": record["action"], "reason": record["reason"], "step": step, "automatic": True,
+                   "trial_steps": trial_steps}
+        return {"kind": "grow", "details": details, "metrics": metrics}
+
+    def _continue_trial(self, model: SomiModel, stats: LearnStats, step: int, batch: torch.Tensor) -> list[dict]:
+        """Take the ungrown copy's step on the same batch; judge the growth once the trial is over.
+
+        Both models learn from the same batches, so their difference measures the growth
+        alone, not the data or the drift of stress while learning goes on. The growth stays
+        when the grown model beats the copy by `min_gain` (relative) on held-out bits per byte,
+        or on the training loss of the trial's second half without `eval_fn`. Otherwise the
+        copy, with everything it learnt meanwhile, replaces the grown model.
+        """
+        trial = self.trial
+        ungrown_stats = trial.ungrown.learn_step(batch, trial.optimizer)
+        trial.grown_losses.append(stats.loss)
+        trial.ungrown_losses.append(ungrown_stats.loss)
+        trial.grown_stress.append(stats.jepa_error)
+        trial.ungrown_stress.append(ungrown_stats.jepa_error)
+        if len(trial.grown_losses) < trial.steps:
+            return []
+        self.trial = None
+        return [self._end_trial(model, trial, step)]
+
+    def _compare(self, model: SomiModel, trial: GrowthTrial) -> tuple[str, float, float]:
+        """Return what the trial measures and its value for the grown model and the ungrown copy."""
+        if self.eval_fn is not None:
+            return "held-out bits per byte", self.eval_fn(model), self.eval_fn(trial.ungrown)
+        half = len(trial.grown_losses) // 2
+        return ("training loss", float(np.mean(trial.grown_losses[half:])),
+                float(np.mean(trial.ungrown_losses[half:])))
+
+    def _end_trial(self, model: SomiModel, trial: GrowthTrial, step: int) -> dict:
+        """Keep or undo the growth on trial; return the verdict as a lineage-ready event."""
+        before = structure_summary(model)
+        measure, grown, ungrown = self._compare(model, trial)
+        gain = (ungrown - grown) / max(abs(ungrown), 1e-12)
+        paid = gain >= self.grower.policy.min_gain
+        verdict = "kept" if paid else "undone"
+        reason = (f"after {trial.steps} steps beside an ungrown copy, {measure} {grown:.4f} against {ungrown:.4f} "
+                  f"(gain {100 * gain:+.2f} %, needed {100 * self.grower.policy.min_gain:.2f} %): growth {verdict}")
+        # A kind that stopped paying is remembered at the stress of the structure that stays:
+        # the ungrown copy's when the growth is undone. A new Part shifts the mean stress,
+        # so the grown model's level would not compare with what follows.
+        half = len(trial.grown_stress) // 2
+        kept_stress = trial.grown_stress if paid else trial.ungrown_stress
+        level = StressLevel(float(np.mean(kept_stress[half:])), self.tracker.last().sd)
+        if not paid:
+            adopt_state(model, trial.ungrown)
+            self.optimizer_stale = True
+            self.tracker.reset()
+            self.wilson.last.clear()
+        elif trial.trigger is not None and self.tracker.baseline is None:
+            # The grown model's stress sits on its own level. Both models saw the same batches,
+            # so their difference moves the stress that asked for the growth onto the new
+            # level, and a rise that starts before the new structure has a baseline still counts.
+            offset = float(np.mean(trial.grown_stress[half:]) - np.mean(trial.ungrown_stress[half:]))
+            self.tracker.reference = StressLevel(trial.trigger.mean + offset, trial.trigger.sd)
+        self.grower.judge_trial(trial.kind, paid, level, step)
+        if self.compressor is not None:
+            self.compressor.last_change_step = step
+        logger.info("growth trial of kind %s from step %d: %s", trial.kind, trial.step, reason)
+        metrics = self._sizes(before, structure_summary(model))
+        metrics["rolled_back"] = not paid
+        metrics["gain"] = gain
+        if self.eval_fn is not None:
+            metrics["bpb_before"], metrics["bpb_after"] = grown, (grown if paid else ungrown)
+        details = {"action": "trial", "grown_kind": trial.kind, "reason": reason, "accepted": paid, "step": step,
+                   "automatic": True, "measure": measure}
         return {"kind": "grow", "details": details, "metrics": metrics}
 
     def _compress(self, model: SomiModel, plan, step: int, batch: torch.Tensor) -> dict:
@@ -109,6 +208,10 @@ class SelfOrganizer:
             # for rises, and the next compression waits for a baseline of the new structure.
             self.tracker.reset()
             self.wilson.last.clear()
+            if self.grower is not None:
+                # Stress falls back after a compression while the smaller model relearns;
+                # that recovery is not a plateau of learning, so it must not trigger growth.
+                self.grower.plateau_seen = True
         metrics = {key: value for key, value in result.metrics.items() if key not in ("before", "after")}
         metrics.update(self._sizes(result.metrics["before"], result.metrics["after"]))
         metrics["rolled_back"] = not result.accepted

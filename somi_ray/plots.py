@@ -6,31 +6,41 @@ from pathlib import Path
 
 
 def lineage_series(lineage) -> dict:
-    """Per event: bits per byte per domain (where measured), hidden size and Part count."""
-    series = {"event": [], "kind": [], "hidden_size": [], "n_parts": [], "bpb": {}}
-    hidden, parts = None, None
+    """Per event: bits per byte per domain (where measured), hidden size, Part count and parameters.
+
+    Sizes come from `hidden_size`/`n_parts`/`parameters`, or from the `*_after` metrics of growth and
+    compression events. Bits per byte is a {domain: value} dict, or one number (domain
+    "held-out"), or a structural event's `bpb_after`.
+    """
+    series = {"event": [], "kind": [], "hidden_size": [], "n_parts": [], "parameters": [], "bpb": {}}
+    hidden, parts, parameters = None, None, None
     for event in lineage:
-        hidden = event.metrics.get("hidden_size", event.details.get("hidden_size", hidden))
-        parts = event.metrics.get("n_parts", event.details.get("n_parts", parts))
+        metrics, details = event.metrics, event.details
+        hidden = metrics.get("hidden_size", metrics.get("hidden_size_after", details.get("hidden_size", hidden)))
+        parts = metrics.get("n_parts", metrics.get("n_parts_after", details.get("n_parts", parts)))
         series["event"].append(event.event_id)
         series["kind"].append(event.kind)
         series["hidden_size"].append(hidden)
+        parameters = metrics.get("parameters", metrics.get("parameters_after", parameters))
         series["n_parts"].append(parts)
-        bpb = event.metrics.get("bpb") or {}
-        for domain, value in bpb.items():
+        series["parameters"].append(parameters)
+        bpb = metrics.get("bpb", metrics.get("bpb_after"))
+        if isinstance(bpb, (int, float)):
+            bpb = {"held-out": float(bpb)}
+        for domain, value in (bpb or {}).items():
             series["bpb"].setdefault(domain, []).append((event.event_id, value))
     return series
 
 
 def plot_lineage(lineage, path: str | Path) -> Path:
-    """Draw bits per byte per probe domain, hidden size and Part count over the events."""
+    """Draw bits per byte per probe domain, parameters, hidden size and Part count over the events."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series = lineage_series(lineage)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     for domain, points in sorted(series["bpb"].items()):
         xs, ys = zip(*points)
         top.plot(xs, ys, marker="o", label=domain)
@@ -40,6 +50,10 @@ def plot_lineage(lineage, path: str | Path) -> Path:
     top.grid(alpha=0.3)
 
     events = series["event"]
+    parameters = [n if n is not None else float("nan") for n in series["parameters"]]
+    middle.step(events, parameters, where="post", color="tab:green")
+    middle.set_ylabel("parameters")
+    middle.grid(alpha=0.3)
     hidden = [h if h is not None else float("nan") for h in series["hidden_size"]]
     parts = [p if p is not None else float("nan") for p in series["n_parts"]]
     bottom.step(events, hidden, where="post", label="hidden size", color="tab:blue")

@@ -1,8 +1,10 @@
 """SelfOrganizer: events, optimizer flag and switches, on a real short Shakespeare run."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from somi_ray.compress import CompressionPolicy
@@ -81,3 +83,82 @@ def test_growth_sets_optimizer_stale():
     assert [event["kind"] for event in events] == ["grow"]
     assert organizer.optimizer_stale
     assert model.config.hidden_size == 24
+
+
+def run_growth_trial(min_gain: float, max_parts: int = 1, steps: int = 60):
+    """Real Shakespeare steps whose stress is replaced by a level that rises at step 30, so one
+    growth happens; return the model, the events and the model's state at the growth."""
+    torch.manual_seed(0)
+    model = SomiModel(SomiConfig.from_scratch())
+    optimizer = model.make_optimizer()
+    policy = OrganizerPolicy(grow=GrowthPolicy(max_hidden=24, max_parts=max_parts, max_systems=max_parts,
+                                               trial_windows=2, min_gain=min_gain),
+                             compress=None, patience=5)
+    organizer = SelfOrganizer(policy)
+    batches = shakespeare_byte_batches(4, 16, seed=0, n_bytes=200_000)
+    rng = np.random.default_rng(0)
+    events, at_growth = [], None
+    for step in range(steps):
+        batch = next(batches)
+        stats = model.learn_step(batch, optimizer)
+        level = 0.9 + 0.01 * float(rng.standard_normal()) + (0.1 if step >= 30 else 0.0)
+        new = organizer.after_step(model, replace(stats, jepa_error=level), step, batch)
+        if any(event["details"]["action"] == "hidden" for event in new):
+            at_growth = {name: value.clone() for name, value in model.state_dict().items()}
+        events += new
+        if organizer.optimizer_stale:
+            optimizer = model.make_optimizer()
+            organizer.optimizer_stale = False
+    return model, events, at_growth
+
+
+@pytest.mark.parametrize("min_gain", [1.0, -1.0])
+def test_growth_trial_keeps_or_undoes_the_growth(min_gain):
+    model, events, at_growth = run_growth_trial(min_gain)
+    actions = [event["details"]["action"] for event in events]
+    assert actions == ["hidden", "trial"]  # nothing else is decided while a growth is on trial
+    growth, verdict = events
+    assert verdict["details"]["step"] - growth["details"]["step"] == 2 * 5
+    assert "training loss" in verdict["details"]["reason"]
+    if min_gain > 0:  # no growth can gain 100 %: the ungrown copy replaces the model
+        assert verdict["details"]["accepted"] is False
+        assert verdict["metrics"]["rolled_back"] is True
+        assert model.config.hidden_size == 16
+        assert verdict["metrics"]["parameters_after"] == growth["metrics"]["parameters_before"]
+        # The copy learnt on the trial's batches, so nothing learnt meanwhile is lost.
+        assert not torch.equal(model.embedding.weight, at_growth["embedding.weight"][:, :16])
+        assert model(torch.randint(0, 256, (2, 9))).shape == (2, 9, 256)
+    else:
+        assert verdict["details"]["accepted"] is True
+        assert verdict["metrics"]["rolled_back"] is False
+        assert model.config.hidden_size == 24
+        assert verdict["metrics"]["parameters_after"] == growth["metrics"]["parameters_after"]
+
+
+def test_undone_growth_tries_the_next_kind():
+    model, events, _ = run_growth_trial(1.0, max_parts=2, steps=90)
+    actions = [event["details"]["action"] for event in events]
+    assert actions[:4] == ["hidden", "trial", "part", "trial"]
+    assert "hidden growth asked for" in events[2]["details"]["reason"]
+    assert events[2]["details"]["step"] - events[1]["details"]["step"] >= 5  # the cooldown
+    assert model.config.hidden_size == 16
+    assert model.config.n_parts == 1  # both growths were undone
+
+
+def test_lineage_plot_reads_structural_events(tmp_path):
+    from somi_ray.plots import lineage_series, plot_lineage
+
+    lineage = Lineage()
+    lineage.append("init", {}, {"hidden_size": 16, "n_parts": 1, "parameters": 8636, "bpb": 8.0})
+    lineage.append("grow", {"action": "part"}, {"hidden_size_before": 16, "hidden_size_after": 16,
+                                                "n_parts_before": 1, "n_parts_after": 2,
+                                                "parameters_before": 8636, "parameters_after": 8874,
+                                                "bpb_before": 4.1, "bpb_after": 4.0})
+    lineage.append("compress", {}, {"hidden_size_after": 12, "n_parts_after": 2, "parameters_after": 7000})
+    series = lineage_series(lineage)
+    assert series["hidden_size"] == [16, 16, 12]
+    assert series["n_parts"] == [1, 2, 2]
+    assert series["parameters"] == [8636, 8874, 7000]
+    assert series["bpb"] == {"held-out": [(0, 8.0), (1, 4.0)]}
+    path = plot_lineage(lineage, tmp_path / "lineage.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
