@@ -8,7 +8,7 @@ A compression removes what the model can afford to lose:
   predict almost exactly (a variance inflation test on a calibration batch);
 - low-stress edges: edges that local learning let decay far below their row's mean weight,
   because equilibrium propagation strengthens only the edges that stress supports;
-- optionally, float precision of W: per-row int8 quantisation.
+- optionally, float precision of W: W moves onto an int8 grid and is stored as int8.
 
 The removed features' share of the logits is folded into the kept decoder columns by least
 squares. Then the norm gains (`final_gain`, every Part's `drive_gain`) and the decoder bias are
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from somi_ray.grow import StressTracker, recalibrate_structure, structure_summary
 from somi_ray.integrity import compare_loops, wilson_loops
 from somi_ray.model import SomiModel
-from somi_ray.physics.laplacian import project_constraints
+from somi_ray.physics.laplacian import int8_grid, project_constraints
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class CompressionPolicy:
     max_remove_fraction: float = 0.25  # most features one compression removes, as a share of H
     min_hidden: int = 16  # H never shrinks below this
     edge_fraction: float = 0.05  # edges below this share of their row's mean edge weight are pruned
-    int8_weights: bool = False  # store W through per-row int8 quantisation
+    int8_weights: bool = False  # put W on an int8 grid and store it as int8
     calibration_steps: int = 50  # Adam steps of the post-compression calibration
     calibration_lr: float = 0.02  # Adam learning rate of the calibration
     bpb_tolerance: float = 0.02  # relative rise of held-out bits per byte that rolls a compression back
@@ -319,35 +319,21 @@ def prune_weak_edges(model: SomiModel, fraction: float) -> int:
     return pruned
 
 
-def quantize_rows(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 quantisation: (q (H, H) int8, scale (H,)) with W ~ q * scale[:, None]."""
-    scale = W.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (H,)
-    q = torch.round(W / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale[:, None]
-
-
 @torch.no_grad()
 def quantize_connectivity(model: SomiModel) -> float:
-    """Replace every W by its int8 round trip; return the largest relative Frobenius error.
+    """Put every Part's W on its int8 grid; return the largest relative Frobenius error.
 
-    Per-row scales break W's symmetry by up to half a quantisation step, so the result is
-    projected back onto W's constraints (symmetric, non-negative, on the mask).
-    NOTE: checkpoints still store W as float32; this shows the effect of int8 storage on
-    the model's function, and a writer that stores (q, scale) is still to come.
+    From then on the local rule keeps W on the grid, and checkpoints store it as int8 with
+    one float step per Part, a quarter of the float32 size.
     """
-    config = model.config
     worst = 0.0
     for part in model.parts:
-        q, scale = quantize_rows(part.W)
-        restored = dequantize_rows(q, scale).to(part.W.dtype)
-        restored = project_constraints(restored, part.mask, config.degree_floor, config.degree_ceiling)
+        q, scale = int8_grid(part.W)
+        restored = q.to(part.W.dtype) * scale
         error = float((restored - part.W).norm() / part.W.norm().clamp_min(1e-12))
         worst = max(worst, error)
         part.W = restored
+        part.w_scale = scale.reshape(()).to(part.W.dtype).clone()
         part.invalidate()
     return worst
 

@@ -170,7 +170,7 @@ def save_checkpoint(path: str | Path, model, tokenizer_json: str, lineage: Linea
     staging = target.parent / f".{target.name}.staging-{token}"
     staging.mkdir()
     try:
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+        state = model.checkpoint_state()
         save_file(state, str(staging / MODEL_FILE), metadata={"format": str(FORMAT_VERSION)})
         model.config.save(staging / CONFIG_FILE)
         (staging / TOKENIZER_FILE).write_text(tokenizer_json)

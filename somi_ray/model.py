@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from somi_ray.config import SomiConfig
 from somi_ray.physics.field import field_decay, previous_field, temporal_field
-from somi_ray.physics.laplacian import project_constraints, random_graph
+from somi_ray.physics.laplacian import int8_grid, project_constraints, random_graph
 from somi_ray.physics.settle import SettleOperator, response_matrix, settle
 from somi_ray.physics.stress import (
     connectivity_gradient,
@@ -58,6 +58,9 @@ class Part(nn.Module):
         # the coupling's rule. It is all zero until the first local step.
         self.register_buffer("drive_moments", torch.zeros(H, H))  # (H, H)
         self.register_buffer("n_modes", torch.tensor(config.n_modes))  # K of this Part's eigen cache
+        # Step of W's int8 grid; 0 while W is kept in float. A Part on the grid stays on it
+        # after every local step, and checkpoints store its W as int8.
+        self.register_buffer("w_scale", torch.tensor(0.0))
         self.register_buffer("stress_ema", torch.tensor(float("nan")))  # running JEPA error
         self.register_buffer("local_steps", torch.tensor(0))
 
@@ -431,7 +434,12 @@ class SomiModel(nn.Module):
 
             W = connectivity_step(part.W, part.mask, grad_w, part.mass, lr=c.local_lr, decay=c.local_decay,
                                   degree_floor=c.degree_floor)
-            part.W.copy_(project_constraints(W, part.mask, c.degree_floor, c.degree_ceiling))
+            W = project_constraints(W, part.mask, c.degree_floor, c.degree_ceiling)
+            if float(part.w_scale) > 0.0:
+                q, scale = int8_grid(W)
+                W = q.to(W.dtype) * scale
+                part.w_scale.fill_(float(scale))
+            part.W.copy_(W)
             part.precision.copy_(precision_step(part.precision, c.kappa0 * grad_diag, lr=c.precision_lr,
                                                 low=c.precision_min, high=c.precision_max))
             part.mass.copy_(mass_step(part.mass, errors, lr=c.mass_lr, low=c.mass_min, high=c.mass_max))
@@ -501,12 +509,37 @@ class SomiModel(nn.Module):
         for part in self.parts:
             part.invalidate()
 
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """State dict for storage on the CPU: W of a Part on its int8 grid is stored as int8."""
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        for index, part in enumerate(self.parts):
+            scale = float(part.w_scale)
+            if scale <= 0.0:
+                continue
+            key = f"parts.{index}.W"
+            q = torch.round(state[key] / scale)
+            # A W that left its grid (changed outside the local rule) keeps float storage.
+            if torch.allclose(q * scale, state[key], rtol=0.0, atol=1e-6 * scale) and q.min() >= 0 and q.max() <= 127:
+                state[key] = q.to(torch.int8)
+        return state
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # Checkpoints written before Parts had an input coupling load with U = 0, the function
-        # they were saved with, and with empty drive statistics.
+        # they were saved with, and with empty drive statistics. Those written before int8 W
+        # load with float W. An int8 W is multiplied back by its grid step.
         state_dict = dict(state_dict)
         for index, part in enumerate(self.parts):
+            scale_key = f"parts.{index}.w_scale"
+            if scale_key not in state_dict:
+                state_dict[scale_key] = torch.tensor(0.0)
             weight = state_dict.get(f"parts.{index}.W")
+            if weight is not None and weight.dtype == torch.int8:
+                scale = state_dict[scale_key]
+                if float(scale) <= 0.0:
+                    raise ValueError(f"parts.{index}.W is stored as int8 but its grid step w_scale is {float(scale)}; "
+                                     "the checkpoint is damaged, restore it from a copy")
+                weight = weight.to(part.W.dtype) * scale.to(part.W.dtype)
+                state_dict[f"parts.{index}.W"] = weight
             for name in ("coupling", "drive_moments"):
                 key = f"parts.{index}.{name}"
                 if key not in state_dict and weight is not None:

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from somi_ray.compress import (
@@ -11,16 +12,17 @@ from somi_ray.compress import (
     CompressionPolicy,
     compress,
     dark_matter_scores,
-    dequantize_rows,
     plan_compression,
+    quantize_connectivity,
     removal_cost,
     decoder_inputs,
-    quantize_rows,
     redundant_features,
     shrink_hidden,
 )
 from somi_ray.grow import StressTracker, grow_hidden
+from somi_ray.lineage import Lineage, load_checkpoint, save_checkpoint
 from somi_ray.model import SomiModel
+from somi_ray.physics.laplacian import int8_grid
 from tests.model_fixtures import trained_model
 
 
@@ -82,12 +84,68 @@ def test_redundant_features_find_copy():
     assert chosen[0] in (1, 2, 4)
 
 
-def test_int8_round_trip_error_is_small():
-    W = torch.rand(32, 32)
-    q, scale = quantize_rows(W)
+def test_int8_grid_keeps_the_constraints():
+    W = torch.rand(32, 32) * (torch.rand(32, 32) < 0.3)
+    W = W + W.T
+    W.fill_diagonal_(0.0)
+    q, scale = int8_grid(W)
     assert q.dtype == torch.int8
-    error = (dequantize_rows(q, scale) - W).abs().max() / W.abs().max()
-    assert error < 1 / 127
+    assert torch.equal(q, q.T)
+    assert int(q.min()) >= 0
+    assert bool((q[W == 0] == 0).all())  # the diagonal and the missing edges stay empty
+    error = (q.float() * scale - W).abs().max() / W.max()
+    assert error <= 0.5 / 127 + 1e-6
+
+
+def quantized_model() -> SomiModel:
+    model = trained_model(hidden=24)
+    error = quantize_connectivity(model)
+    assert 0.0 < error < 0.01
+    return model
+
+
+def test_int8_weights_are_stored_as_int8(tmp_path):
+    from safetensors import safe_open
+
+    model = quantized_model().eval()
+    ids = batch()[:, :-1]
+    with torch.no_grad():
+        before = model(ids)
+    save_checkpoint(tmp_path / "ckpt", model, "{}", Lineage())
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as stored:
+        assert stored.get_tensor("parts.0.W").dtype == torch.int8
+        assert stored.get_tensor("parts.0.w_scale").item() > 0
+
+    loaded = load_checkpoint(tmp_path / "ckpt").model.eval()
+    assert torch.equal(loaded.parts[0].W, model.parts[0].W)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), before)
+
+
+def test_local_learning_keeps_w_on_its_grid():
+    model = quantized_model()
+    W_before = model.parts[0].W.clone()
+    optimizer = model.make_optimizer()
+    for seed in range(3):
+        model.learn_step(batch(seed), optimizer)
+    part = model.parts[0]
+    steps = part.W / part.w_scale
+    assert torch.allclose(steps, steps.round(), atol=1e-4)
+    assert not torch.equal(part.W, W_before)  # the rule still moves W, in whole grid steps
+
+
+def test_float_checkpoints_and_damaged_int8_ones_load_clearly():
+    model = trained_model(hidden=24)
+    state = model.state_dict()
+    state.pop("parts.0.w_scale")  # written before W could be int8
+    fresh = trained_model(hidden=24, seed=3)
+    fresh.load_state_dict(state)
+    assert float(fresh.parts[0].w_scale) == 0.0
+
+    damaged = quantized_model().checkpoint_state()
+    damaged["parts.0.w_scale"] = torch.tensor(0.0)
+    with pytest.raises(ValueError, match=r"parts\.0\.W is stored as int8 but its grid step w_scale"):
+        fresh.load_state_dict(damaged)
 
 
 def test_compression_within_tolerance_is_kept():

@@ -65,3 +65,15 @@ def random_graph(H: int, k: int, generator: torch.Generator | None = None) -> tu
     weights = 0.5 * (weights + weights.T)
     W = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-6).mean()
     return W.float(), mask
+
+
+def int8_grid(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put W on an int8 grid: (q, scale) with q int8 in [0, 127] and W ~ q * scale.
+
+    One scale for the whole matrix keeps q symmetric, non-negative and zero wherever W is
+    zero (the diagonal and outside the mask). Each weight moves by at most scale / 2,
+    so a row sum can fall below the degree floor by that much per edge.
+    """
+    scale = (W.max().clamp_min(1e-12) / 127.0).to(W.dtype)
+    q = torch.round(W / scale).clamp(0, 127).to(torch.int8)
+    return q, scale
