@@ -64,6 +64,8 @@ class AbsorbJob:
     score_teachers: bool = True
     random_baseline: bool = False  # also train SOMI from random initialisation for the same steps
     commit_every: int = 50  # learning steps per learn event
+    auto_grow: bool = True  # let the ModelActor grow the model while it learns
+    auto_compress: bool = True  # let the ModelActor compress the model while it learns
     seed: int = 0
     address: str | None = None  # Ray cluster address; None starts an embedded loopback-only Ray
     num_cpus: float | None = None
@@ -225,7 +227,7 @@ def run_absorb_job(job: AbsorbJob, progress: Callable[[str], None] | None = None
         say(f"  {info['path']}: {info['family']}, {info['n_layers']} layers, hidden {info['hidden_size']}, "
             f"vocabulary {info['tokenizer_size']}")
 
-    model = remote_model_actor(job.out, threads=threads)
+    model = remote_model_actor(job.out, threads=threads, auto_grow=job.auto_grow, auto_compress=job.auto_compress)
     state = ray.get(model.info.remote())
     n_parts = state["n_parts"] if state["initialized"] else job.n_parts
     hidden = state["hidden_size"] if state["initialized"] else job.hidden_size
@@ -535,7 +537,8 @@ def _random_baseline(ray, job: AbsorbJob, tokenizer_json: str, hidden: int, n_pa
 
     folder = f"{Path(job.out).resolve()}-random-init"
     shutil.rmtree(folder, ignore_errors=True)
-    baseline = remote_model_actor(folder, name=None, threads=threads)
+    baseline = remote_model_actor(folder, name=None, threads=threads, auto_grow=job.auto_grow,
+                                  auto_compress=job.auto_compress)
     ray.get(baseline.initialize.remote(tokenizer_json, hidden, n_parts, job.seed, {"baseline": "random-init"}))
     sampler = _make_sampler(ray, corpus_text, tokenizer, job)
     curves = JobReport()

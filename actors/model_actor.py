@@ -47,7 +47,8 @@ def pick_device(device: str = "auto") -> torch.device:
 class ModelActor:
     """Holds one SOMI model and its checkpoint folder."""
 
-    def __init__(self, checkpoint_dir: str, device: str = "auto", threads: int | None = None):
+    def __init__(self, checkpoint_dir: str, device: str = "auto", threads: int | None = None,
+                 auto_grow: bool = True, auto_compress: bool = True):
         if threads:
             # Ray limits an actor's threads to its CPU request. The embedded local cluster passes
             # the machine's core count here because the model is the main compute.
@@ -65,6 +66,14 @@ class ModelActor:
         # NOTE: the drift history lives in memory; after a restart tolerances start again from
         # the floor until learning has recorded new changes.
         self.wilson_drift = WilsonDrift()
+        # Automatic growth and compression run inside `learn` and `learn_distill`. Each
+        # structural change and each verdict is committed as its own lineage event.
+        self.organizer = None
+        if auto_grow or auto_compress:
+            from somi_ray.organize import SelfOrganizer
+
+            self.organizer = SelfOrganizer.from_flags(auto_grow=auto_grow, auto_compress=auto_compress)
+        self.organizer_step = 0  # learning steps seen by the organizer since the actor started
         if checkpoint_exists(self.path):
             checkpoint = load_checkpoint(self.path, self.device)
             self.model = checkpoint.model
@@ -314,6 +323,21 @@ class ModelActor:
 
     # ------------------------------------------------------------------ learning
 
+    def _organize(self, stats, batch: torch.Tensor) -> list[dict]:
+        """Hand one learning step to the organizer; commit what it did and return the committed events."""
+        if self.organizer is None:
+            return []
+        model = self._require_model()
+        committed = []
+        for event in self.organizer.after_step(model, stats, self.organizer_step, batch):
+            committed.append(self._commit(event["kind"], event["details"], event["metrics"],
+                                          bump_version=event["changed"]))
+        if self.organizer.optimizer_stale:
+            self.optimizer = model.make_optimizer()
+            self.organizer.optimizer_stale = False
+        self.organizer_step += 1
+        return committed
+
     def learn(self, sampler, steps: int, batch_size: int, details: dict | None = None,
               probes: dict[str, str] | None = None, eval_bytes: int | None = None) -> dict:
         """Learn from `steps` batches served by a StressSampler handle, then commit a learn event.
@@ -327,7 +351,7 @@ class ModelActor:
         if self.optimizer is None:
             self.optimizer = model.make_optimizer()
         started = time.time()
-        losses, stresses = [], []
+        losses, stresses, structure = [], [], []
         from somi_ray.integrity import wilson_loops
 
         for step in range(steps):
@@ -339,6 +363,7 @@ class ModelActor:
             sampler.report.remote(window_ids, stats.stress_per_sequence.numpy())
             if (step + 1) % 5 == 0:
                 self.wilson_drift.record(wilson_loops(model))
+            structure += self._organize(stats, batch)
         model.eval()
         tokens_seen = steps * batch_size * (int(tokens.shape[1]) - 1) if steps else 0
         metrics = {
@@ -351,6 +376,7 @@ class ModelActor:
             "hidden_size": model.config.hidden_size,
             "n_parts": model.config.n_parts,
             "parameters": model.parameter_count(),
+            "structure_events": len(structure),
         }
         if probes:
             metrics["bpb"] = self.evaluate(probes, max_bytes=eval_bytes)
@@ -376,7 +402,7 @@ class ModelActor:
         vocab_hash = SomiVocab(_tokenizer(self.tokenizer_json)).hash
         caches = [(TargetCache(cache_root, t["key"], vocab_hash, k), float(t["weight"])) for t in teachers]
         started = time.time()
-        losses, stresses, distill_terms, covered = [], [], [], []
+        losses, stresses, distill_terms, covered, structure = [], [], [], [], []
         for step in range(steps):
             window_ids, tokens = ray.get(sampler.sample.remote(batch_size))
             batch = torch.tensor(tokens, dtype=torch.long, device=self.device)
@@ -402,6 +428,9 @@ class ModelActor:
             sampler.report.remote(window_ids, stats.stress_per_sequence.numpy())
             if (step + 1) % 5 == 0:
                 self.wilson_drift.record(wilson_loops(model))
+            # NOTE: the ungrown copy of a growth on trial learns from cross-entropy alone, without
+            # the distillation term, so a trial during distillation favours neither side exactly.
+            structure += self._organize(stats, batch)
         model.eval()
         metrics = {
             "loss": float(np.mean(losses)) if losses else None,
@@ -412,6 +441,7 @@ class ModelActor:
             "stress": float(np.mean(stresses)) if stresses else None,
             "tokens": steps * batch_size * (int(tokens.shape[1]) - 1) if steps else 0,
             "seconds": time.time() - started,
+            "structure_events": len(structure),
         }
         return self._commit("learn", dict(details or {}, steps=steps, batch_size=batch_size, distill_teachers=teachers,
                                           distill_k=k), metrics)
@@ -487,7 +517,8 @@ def actor_name(checkpoint_dir: str) -> str:
 
 
 def remote_model_actor(checkpoint_dir: str, *, name: str | None = "", num_gpus: float | None = None,
-                       num_cpus: float = 1.0, namespace: str | None = None, threads: int | None = None):
+                       num_cpus: float = 1.0, namespace: str | None = None, threads: int | None = None,
+                       auto_grow: bool = True, auto_compress: bool = True):
     """Create (or get) the restartable ModelActor of a checkpoint folder, with a GPU when the cluster has one.
 
     The default name comes from the folder, so a second caller gets the same single writer;
@@ -507,4 +538,4 @@ def remote_model_actor(checkpoint_dir: str, *, name: str | None = "", num_gpus: 
         options.update(name=name, get_if_exists=True, lifetime=None)
         if namespace:
             options["namespace"] = namespace
-    return ray.remote(ModelActor).options(**options).remote(checkpoint_dir, "auto", threads)
+    return ray.remote(ModelActor).options(**options).remote(checkpoint_dir, "auto", threads, auto_grow, auto_compress)

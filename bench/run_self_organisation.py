@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             recent_loss.append(stats.loss)
             for event in organizer.after_step(model, stats, step, batch):
                 event["details"]["phase"] = phase
-                lineage.append(event["kind"], event["details"], event["metrics"])
+                lineage.append(event["kind"], event["details"], event["metrics"], bump_version=event["changed"])
                 metrics = event["metrics"]
                 print(f"  -> {event['kind']} at step {step}: {event['details'].get('action', '')} "
                       f"{event['details']['reason']}; H {metrics['hidden_size_before']} -> {metrics['hidden_size_after']}, "

@@ -57,6 +57,7 @@ def cmd_absorb(args: argparse.Namespace) -> int:
         distill_windows=args.distill_windows, target_cache=args.target_cache, eval_bytes=args.eval_bytes or None,
         teacher_eval_bytes=args.teacher_eval_bytes or None, score_teachers=not args.no_teacher_scores,
         commit_every=args.commit_every, seed=args.seed, address=args.address, num_cpus=args.num_cpus,
+        auto_grow=not args.no_auto_grow, auto_compress=not args.no_auto_compress,
     )
     try:
         report = run_absorb_job(job, progress=_say, bar=_progress_bar)
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bytes scored for each teacher itself; 0 scores all (slow on CPU)")
     absorb.add_argument("--no-teacher-scores", action="store_true", help="skip scoring the teachers themselves")
     absorb.add_argument("--commit-every", type=int, default=50, help="learning steps per lineage event")
+    absorb.add_argument("--no-auto-grow", action="store_true", help="never grow while learning after absorptions")
+    absorb.add_argument("--no-auto-compress", action="store_true",
+                        help="never compress while learning after absorptions")
     absorb.add_argument("--seed", type=int, default=0)
     absorb.add_argument("--address", help="join this Ray cluster instead of starting an embedded local one")
     absorb.add_argument("--num-cpus", type=float, help="CPUs of the embedded local Ray (default: all)")

@@ -76,7 +76,8 @@ def learn_checkpoint(path: str | Path, corpus: str | Path, options: LearnOptions
         losses.append(stats.loss)
         if organizer is not None:
             for event in organizer.after_step(model, stats, step, batch):
-                lineage.append(event["kind"], event.get("details", {}), event.get("metrics", {}))
+                lineage.append(event["kind"], event.get("details", {}), event.get("metrics", {}),
+                               bump_version=event.get("changed", True))
                 save_checkpoint(path, model, checkpoint.tokenizer_json, lineage)
                 structure_events += 1
             if organizer.optimizer_stale:

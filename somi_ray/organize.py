@@ -4,7 +4,7 @@
     for step, batch in enumerate(batches):
         stats = model.learn_step(batch, optimizer)
         for event in organizer.after_step(model, stats, step, batch):
-            lineage.append(event["kind"], event["details"], event["metrics"])
+            lineage.append(event["kind"], event["details"], event["metrics"], bump_version=event["changed"])
         if organizer.optimizer_stale:
             optimizer = model.make_optimizer()
             organizer.optimizer_stale = False
@@ -87,7 +87,8 @@ class SelfOrganizer:
         """Read one learning step's stress, grow or compress when the history calls for it; return the events.
 
         Each event is a dict with "kind" ("grow" or "compress"), "details" and "metrics", ready for
-        `Lineage.append(kind, details, metrics)`. A compression that was rolled back is returned
+        `Lineage.append(kind, details, metrics)`, and "changed", whether the model changed (the
+        version bump to record). A compression that was rolled back is returned
         as a "compress" event with details["accepted"] False and metrics["rolled_back"] True; the
         model is unchanged then, so the caller may record it without a version bump. The verdict
         of a growth trial is a "grow" event with details["action"] "trial"; when the growth was
@@ -129,7 +130,7 @@ class SelfOrganizer:
             metrics["bpb_after"] = self.eval_fn(model)
         details = {"action": record["action"], "reason": record["reason"], "step": step, "automatic": True,
                    "trial_steps": trial_steps}
-        return {"kind": "grow", "details": details, "metrics": metrics}
+        return {"kind": "grow", "details": details, "metrics": metrics, "changed": True}
 
     def _continue_trial(self, model: SomiModel, stats: LearnStats, step: int, batch: torch.Tensor) -> list[dict]:
         """Take the ungrown copy's step on the same batch; judge the growth once the trial is over.
@@ -196,7 +197,7 @@ class SelfOrganizer:
             metrics["bpb_before"], metrics["bpb_after"] = grown, (grown if paid else ungrown)
         details = {"action": "trial", "grown_kind": trial.kind, "reason": reason, "accepted": paid, "step": step,
                    "automatic": True, "measure": measure}
-        return {"kind": "grow", "details": details, "metrics": metrics}
+        return {"kind": "grow", "details": details, "metrics": metrics, "changed": not paid}
 
     def _compress(self, model: SomiModel, plan, step: int, batch: torch.Tensor) -> dict:
         result = self.compressor.apply(model, plan, batch, step, self.eval_fn, self.wilson.tolerances(), self.tracker)
@@ -219,7 +220,7 @@ class SelfOrganizer:
             metrics["bpb_after"] = metrics["bpb_after"] if result.accepted else metrics["bpb_before"]
             metrics["bpb_candidate"] = result.metrics["bpb_after"]
         details = dict(result.details, reason=result.reason, accepted=result.accepted, step=step, automatic=True)
-        return {"kind": "compress", "details": details, "metrics": metrics}
+        return {"kind": "compress", "details": details, "metrics": metrics, "changed": result.accepted}
 
     @staticmethod
     def _sizes(before: dict, after: dict) -> dict:

