@@ -429,7 +429,7 @@ class ModelActor:
             if (step + 1) % 5 == 0:
                 self.wilson_drift.record(wilson_loops(model))
             # NOTE: the ungrown copy of a growth on trial learns from cross-entropy alone, without
-            # the distillation term, so a trial during distillation favours neither side exactly.
+            # the distillation term, so during distillation the trial compares unequal learners.
             structure += self._organize(stats, batch)
         model.eval()
         metrics = {

@@ -164,6 +164,7 @@ class SelfOrganizer:
         """Keep or undo the growth on trial; return the verdict as a lineage-ready event."""
         before = structure_summary(model)
         measure, grown, ungrown = self._compare(model, trial)
+
         gain = (ungrown - grown) / max(abs(ungrown), 1e-12)
         paid = gain >= self.grower.policy.min_gain
         verdict = "kept" if paid else "undone"
@@ -175,6 +176,7 @@ class SelfOrganizer:
         half = len(trial.grown_stress) // 2
         kept_stress = trial.grown_stress if paid else trial.ungrown_stress
         level = StressLevel(float(np.mean(kept_stress[half:])), self.tracker.last().sd)
+
         if not paid:
             adopt_state(model, trial.ungrown)
             self.optimizer_stale = True
@@ -190,6 +192,7 @@ class SelfOrganizer:
         if self.compressor is not None:
             self.compressor.last_change_step = step
         logger.info("growth trial of kind %s from step %d: %s", trial.kind, trial.step, reason)
+
         metrics = self._sizes(before, structure_summary(model))
         metrics["rolled_back"] = not paid
         metrics["gain"] = gain

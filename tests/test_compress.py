@@ -134,14 +134,18 @@ def test_local_learning_keeps_w_on_its_grid():
     assert not torch.equal(part.W, W_before)  # the rule still moves W, in whole grid steps
 
 
-def test_float_checkpoints_and_damaged_int8_ones_load_clearly():
+def test_float_checkpoint_loads_without_grid():
     model = trained_model(hidden=24)
     state = model.state_dict()
     state.pop("parts.0.w_scale")  # written before W could be int8
     fresh = trained_model(hidden=24, seed=3)
     fresh.load_state_dict(state)
     assert float(fresh.parts[0].w_scale) == 0.0
+    assert torch.equal(fresh.parts[0].W, model.parts[0].W)
 
+
+def test_int8_weights_without_step_are_rejected():
+    fresh = trained_model(hidden=24, seed=3)
     damaged = quantized_model().checkpoint_state()
     damaged["parts.0.w_scale"] = torch.tensor(0.0)
     with pytest.raises(ValueError, match=r"parts\.0\.W is stored as int8 but its grid step w_scale"):

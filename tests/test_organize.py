@@ -86,8 +86,9 @@ def test_growth_sets_optimizer_stale():
 
 
 def run_growth_trial(min_gain: float, max_parts: int = 1, steps: int = 60):
-    """Real Shakespeare steps whose stress is replaced by a level that rises at step 30, so one
-    growth happens; return the model, the events and the model's state at the growth."""
+    """Run real Shakespeare steps with a stress level that rises at step 30, so one growth happens.
+
+    Returns the model, the events and the model's state at the growth."""
     torch.manual_seed(0)
     model = SomiModel(SomiConfig.from_scratch())
     optimizer = model.make_optimizer()
@@ -113,7 +114,7 @@ def run_growth_trial(min_gain: float, max_parts: int = 1, steps: int = 60):
 
 
 @pytest.mark.parametrize("min_gain", [1.0, -1.0])
-def test_growth_trial_keeps_or_undoes_the_growth(min_gain):
+def test_growth_trial_keeps_or_undoes(min_gain):
     model, events, at_growth = run_growth_trial(min_gain)
     actions = [event["details"]["action"] for event in events]
     assert actions == ["hidden", "trial"]  # nothing else is decided while a growth is on trial
@@ -135,7 +136,7 @@ def test_growth_trial_keeps_or_undoes_the_growth(min_gain):
         assert verdict["metrics"]["parameters_after"] == growth["metrics"]["parameters_after"]
 
 
-def test_undone_growth_tries_the_next_kind():
+def test_undone_growth_tries_another_kind():
     model, events, _ = run_growth_trial(1.0, max_parts=2, steps=90)
     actions = [event["details"]["action"] for event in events]
     assert actions[:4] == ["hidden", "trial", "part", "trial"]
@@ -164,7 +165,7 @@ def test_lineage_plot_reads_structural_events(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_model_actor_learning_loop_grows_and_commits(ray_session, tmp_path):
+def test_model_actor_commits_structural_events(ray_session, tmp_path):
     """The ModelActor's learn runs the organizer and commits each of its events to the lineage."""
     from actors.absorber import _windows
     from actors.model_actor import ModelActor
