@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 makes runs repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("minutes", "batch_size", "seq_len", "eval_every", "eval_bytes", "threads"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("grow_steps", "compress_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be zero or more, got {getattr(args, name)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -126,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 event["details"]["phase"] = phase
                 lineage.append(event["kind"], event["details"], event["metrics"], bump_version=event["changed"])
                 metrics = event["metrics"]
-                print(f"  -> {event['kind']} at step {step}: {event['details'].get('action', '')} "
+                action = event["details"].get("action")
+                label = f"{event['kind']} ({action})" if action else event["kind"]
+                print(f"  -> {label} at step {step}: "
                       f"{event['details']['reason']}; H {metrics['hidden_size_before']} -> {metrics['hidden_size_after']}, "
                       f"P {metrics['n_parts_before']} -> {metrics['n_parts_after']}, parameters "
                       f"{metrics['parameters_before']} -> {metrics['parameters_after']}, bpb "
@@ -144,9 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(out, model, tokenizer.to_str(), lineage)
 
     (out.parent / f"{out.name}-history.json").write_text(json.dumps(history, indent=2) + "\n")
-    kinds = [event.kind for event in lineage]
-    print(f"done in {(time.time() - started) / 60:.1f} min: {kinds.count('grow')} growths, "
-          f"{kinds.count('compress')} compression attempts; checkpoint {out.resolve()}")
+    for event in organizer.finish(model):  # a growth still on trial is judged on the steps it had
+        lineage.append(event["kind"], event["details"], event["metrics"], bump_version=event["changed"])
+        print(f"  -> grow (trial) at the end: {event['details']['reason']}", flush=True)
+        save_checkpoint(out, model, tokenizer.to_str(), lineage)
+    growths = [event for event in lineage if event.kind == "grow" and event.details.get("action") != "trial"]
+    kept_growths = [event for event in lineage if event.details.get("action") == "trial" and event.details.get("accepted")]
+    compressions = [event for event in lineage if event.kind == "compress"]
+    print(f"done in {(time.time() - started) / 60:.1f} min: {len(growths)} growths ({len(kept_growths)} kept after their trial), "
+          f"{len(compressions)} compression attempts; checkpoint {out.resolve()}")
     return 0
 
 

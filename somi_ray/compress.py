@@ -67,6 +67,17 @@ class CompressionPolicy:
             raise ValueError(f"max_remove_fraction must be in (0, 1), got {self.max_remove_fraction}")
         if self.min_hidden < 3:
             raise ValueError(f"min_hidden must be at least 3 (K needs H - 1 >= 2), got {self.min_hidden}")
+        for name in ("low_sigmas", "stress_sigmas"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be a positive number of standard deviations, got {getattr(self, name)}")
+        for name in ("removal_kl", "bpb_tolerance", "drift_tolerance", "edge_fraction", "calibration_lr"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be zero or more, got {getattr(self, name)}")
+        if self.calm_windows < 1 or self.calibration_steps < 0:
+            raise ValueError(f"calm_windows must be at least 1 and calibration_steps at least 0, got "
+                             f"{self.calm_windows} and {self.calibration_steps}")
+        if self.cooldown is not None and self.cooldown < 0:
+            raise ValueError(f"cooldown must be zero or more steps, got {self.cooldown}")
 
 
 @dataclass

@@ -231,6 +231,18 @@ class GrowthPolicy:
             raise ValueError(f"patience must be at least 2 steps, got {self.patience}")
         if self.trial_windows < 0:
             raise ValueError(f"trial_windows must be 0 (no trial) or more, got {self.trial_windows}")
+        for name in ("rise_sigmas", "part_sigmas"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be a positive number of standard deviations, got {getattr(self, name)}")
+        if not self.gain_sigmas >= 0.0:
+            raise ValueError(f"gain_sigmas must be zero or more, got {self.gain_sigmas}")
+        if not math.isfinite(self.min_gain):
+            raise ValueError(f"min_gain must be a finite relative gain, got {self.min_gain}")
+        if min(self.max_hidden, self.max_parts, self.max_systems) < 1:
+            raise ValueError(f"max_hidden, max_parts and max_systems must be at least 1, got "
+                             f"{self.max_hidden}, {self.max_parts} and {self.max_systems}")
+        if self.cooldown is not None and self.cooldown < 0:
+            raise ValueError(f"cooldown must be zero or more steps, got {self.cooldown}")
 
 
 def derived_patience(config, batch_tokens: int) -> int:
@@ -296,7 +308,7 @@ class StressTracker:
         """Start a new history after a structural change.
 
         With `comparable`, stress before and after the change is on one scale, and `reference`
-        (the stress at the change, else the last baseline) stands in for the baseline until
+        (the stress at the change, else the last baseline) replaces the baseline until
         one exists. Without it, rises are measured only from the new structure's own baseline.
         """
         self.reference = (reference or self.baseline or self.reference) if comparable else None

@@ -48,8 +48,11 @@ def learn_checkpoint(path: str | Path, corpus: str | Path, options: LearnOptions
     corpus = Path(corpus)
     if not corpus.is_file():
         raise FileNotFoundError(f"corpus {corpus} is not a file; pass a UTF-8 text file")
-    if options.steps < 1:
-        raise ValueError(f"steps must be positive, got {options.steps}")
+    for name in ("steps", "batch_size", "seq_len", "commit_every"):
+        value = getattr(options, name)
+        if value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     checkpoint = load_checkpoint(path)
     model, lineage, tokenizer = checkpoint.model, checkpoint.lineage, checkpoint.tokenizer()
 
@@ -95,6 +98,13 @@ def learn_checkpoint(path: str | Path, corpus: str | Path, options: LearnOptions
             chunk_start = len(losses)
     if tracker:
         tracker.close()
+    if organizer is not None:
+        # A growth still on trial is judged on the steps it had, so the saved model never
+        # keeps a growth that nothing will judge later.
+        for event in organizer.finish(model):
+            lineage.append(event["kind"], event["details"], event["metrics"], bump_version=event["changed"])
+            save_checkpoint(path, model, checkpoint.tokenizer_json, lineage)
+            structure_events += 1
     return {
         "checkpoint": str(checkpoint.path),
         "version": lineage.version,
@@ -104,5 +114,6 @@ def learn_checkpoint(path: str | Path, corpus: str | Path, options: LearnOptions
         "structure_events": structure_events,
         "hidden_size": model.config.hidden_size,
         "n_parts": model.config.n_parts,
+        "n_systems": len(model.config.routes),
         "seconds": time.time() - started,
     }

@@ -41,6 +41,10 @@ class OrganizerPolicy:
     compress: CompressionPolicy | None = field(default_factory=CompressionPolicy)
     patience: int | None = None  # steps per stress window; None derives it from the cascade and the batch size
 
+    def __post_init__(self) -> None:
+        if self.patience is not None and self.patience < 2:
+            raise ValueError(f"patience must be at least 2 steps per stress window, got {self.patience}")
+
 
 @dataclass
 class GrowthTrial:
@@ -152,10 +156,25 @@ class SelfOrganizer:
         self.trial = None
         return [self._end_trial(model, trial, step)]
 
+    def finish(self, model: SomiModel) -> list[dict]:
+        """End a growth trial that learning stopped in the middle of; return its verdict event, if any.
+
+        A learner that stops for good calls this, because the organizer's history does not
+        outlive it. The growth is judged on the steps it had. Without an evaluator and without
+        a single step beside the copy, nothing shows a gain, so the growth is undone.
+        """
+        trial, self.trial = self.trial, None
+        if trial is None:
+            return []
+        trial.steps = len(trial.grown_losses)
+        return [self._end_trial(model, trial, trial.step + trial.steps)]
+
     def _compare(self, model: SomiModel, trial: GrowthTrial) -> tuple[str, float, float]:
         """Return what the trial measures and its value for the grown model and the ungrown copy."""
         if self.eval_fn is not None:
             return "held-out bits per byte", self.eval_fn(model), self.eval_fn(trial.ungrown)
+        if not trial.grown_losses:
+            return "training loss (no step on trial)", 0.0, 0.0
         half = len(trial.grown_losses) // 2
         return ("training loss", float(np.mean(trial.grown_losses[half:])),
                 float(np.mean(trial.ungrown_losses[half:])))
@@ -174,15 +193,18 @@ class SelfOrganizer:
         # the ungrown copy's when the growth is undone. A new Part shifts the mean stress,
         # so the grown model's level would not compare with what follows.
         half = len(trial.grown_stress) // 2
-        kept_stress = trial.grown_stress if paid else trial.ungrown_stress
-        level = StressLevel(float(np.mean(kept_stress[half:])), self.tracker.last().sd)
+        kept_stress = (trial.grown_stress if paid else trial.ungrown_stress)[half:]
+        if kept_stress and len(self.tracker.values) >= 3:
+            level = StressLevel(float(np.mean(kept_stress)), self.tracker.last().sd)
+        else:  # a trial that ended before it measured stress keeps the level that asked for it
+            level = trial.trigger or StressLevel(float("nan"), 0.0)
 
         if not paid:
             adopt_state(model, trial.ungrown)
             self.optimizer_stale = True
             self.tracker.reset()
             self.wilson.last.clear()
-        elif trial.trigger is not None and self.tracker.baseline is None:
+        elif trial.trigger is not None and self.tracker.baseline is None and kept_stress:
             # The grown model's stress sits on its own level. Both models saw the same batches,
             # so their difference moves the stress that asked for the growth onto the new
             # level, and a rise that starts before the new structure has a baseline still counts.

@@ -47,6 +47,9 @@ def plot_lineage(lineage, path: str | Path) -> Path:
     top.set_ylabel("bits per byte (held-out)")
     if series["bpb"]:
         top.legend()
+    else:
+        top.text(0.5, 0.5, "no bits per byte recorded in this lineage", ha="center", va="center",
+                 transform=top.transAxes)
     top.grid(alpha=0.3)
 
     events = series["event"]
@@ -62,11 +65,14 @@ def plot_lineage(lineage, path: str | Path) -> Path:
     twin = bottom.twinx()
     twin.step(events, parts, where="post", label="Parts", color="tab:orange")
     twin.set_ylabel("Parts")
+    lines = bottom.get_lines()[:1] + twin.get_lines()[:1]
+    bottom.legend(lines, [line.get_label() for line in lines], loc="lower right")
     for x, kind in zip(events, series["kind"]):
         if kind in ("absorb", "grow", "compress", "rollback"):
             bottom.axvline(x, color="grey", alpha=0.2)
             bottom.text(x, bottom.get_ylim()[1], kind, rotation=90, fontsize=7, va="top")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

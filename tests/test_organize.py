@@ -203,3 +203,63 @@ def test_model_actor_commits_structural_events(ray_session, tmp_path):
     reloaded = ModelActor(str(tmp_path / "somi"), device="cpu")
     assert reloaded.info()["version"] == info["version"]
     assert reloaded.info()["hidden_size"] == info["hidden_size"]
+
+
+def test_finish_judges_growth_on_trial():
+    torch.manual_seed(0)
+    model = SomiModel(SomiConfig.from_scratch())
+    policy = OrganizerPolicy(grow=GrowthPolicy(max_hidden=24, max_parts=1, max_systems=1, min_gain=1.0),
+                             compress=None, patience=5)
+    organizer = SelfOrganizer(policy)
+    assert organizer.finish(model) == []  # nothing on trial
+    batch = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    stats = model.learn_step(batch, None)
+    rng = np.random.default_rng(0)
+    for step in range(60):
+        stats.jepa_error = 0.9 + 0.01 * float(rng.standard_normal()) + (0.1 if step >= 30 else 0.0)
+        if organizer.after_step(model, stats, step, batch):
+            break
+    assert model.config.hidden_size == 24
+    assert organizer.trial is not None
+
+    events = organizer.finish(model)  # learning stops right after the growth
+    assert [event["details"]["action"] for event in events] == ["trial"]
+    assert events[0]["details"]["accepted"] is False
+    assert events[0]["changed"] is True
+    assert model.config.hidden_size == 16
+    assert organizer.trial is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: OrganizerPolicy(patience=0),
+    lambda: GrowthPolicy(rise_sigmas=-1.0),
+    lambda: GrowthPolicy(min_gain=float("nan")),
+    lambda: CompressionPolicy(removal_kl=-1.0),
+    lambda: CompressionPolicy(low_sigmas=0.0),
+])
+def test_policy_values_out_of_range_are_rejected(make):
+    with pytest.raises(ValueError, match="must be"):
+        make()
+
+
+def test_learn_command_checks_options(tmp_path, capsys):
+    from somi_ray.assets import corpus_path
+    from somi_ray.cli import main
+    from somi_ray.data import byte_tokenizer
+    from somi_ray.lineage import load_checkpoint
+
+    (tmp_path / "tok.json").write_text(byte_tokenizer().to_str())
+    corpus = tmp_path / "train.txt"
+    corpus.write_bytes(corpus_path("shakespeare", "train").read_bytes()[:60_000])
+    assert main(["init", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok.json"), "--from-scratch"]) == 0
+    for option in ("--commit-every", "--batch-size", "--seq-len"):
+        status = main(["learn", str(tmp_path / "m"), "--corpus", str(corpus), "--steps", "5", option, "0"])
+        assert status == 1
+        assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
+    assert len(load_checkpoint(tmp_path / "m").lineage) == 1  # nothing was recorded
+
+    assert main(["learn", str(tmp_path / "m"), "--corpus", str(corpus), "--steps", "30", "--seq-len", "16"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_systems"] == 1
+    lineage = load_checkpoint(tmp_path / "m").lineage
+    assert summary["version"] == lineage.version
