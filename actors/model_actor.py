@@ -323,20 +323,19 @@ class ModelActor:
 
     # ------------------------------------------------------------------ learning
 
-    def _organize(self, stats, batch: torch.Tensor) -> list[dict]:
-        """Hand one learning step to the organizer; commit what it did and return the committed events."""
+    def _organize(self, stats, batch: torch.Tensor) -> int:
+        """Hand one learning step to the organizer, commit each of its events and return their count."""
         if self.organizer is None:
-            return []
+            return 0
         model = self._require_model()
-        committed = []
-        for event in self.organizer.after_step(model, stats, self.organizer_step, batch):
-            committed.append(self._commit(event["kind"], event["details"], event["metrics"],
-                                          bump_version=event["changed"]))
+        events = self.organizer.after_step(model, stats, self.organizer_step, batch)
+        for event in events:
+            self._commit(event["kind"], event["details"], event["metrics"], bump_version=event["changed"])
         if self.organizer.optimizer_stale:
             self.optimizer = model.make_optimizer()
             self.organizer.optimizer_stale = False
         self.organizer_step += 1
-        return committed
+        return len(events)
 
     def learn(self, sampler, steps: int, batch_size: int, details: dict | None = None,
               probes: dict[str, str] | None = None, eval_bytes: int | None = None) -> dict:
@@ -351,7 +350,8 @@ class ModelActor:
         if self.optimizer is None:
             self.optimizer = model.make_optimizer()
         started = time.time()
-        losses, stresses, structure = [], [], []
+        losses, stresses = [], []
+        structure_events = 0
         from somi_ray.integrity import wilson_loops
 
         for step in range(steps):
@@ -363,7 +363,7 @@ class ModelActor:
             sampler.report.remote(window_ids, stats.stress_per_sequence.numpy())
             if (step + 1) % 5 == 0:
                 self.wilson_drift.record(wilson_loops(model))
-            structure += self._organize(stats, batch)
+            structure_events += self._organize(stats, batch)
         model.eval()
         tokens_seen = steps * batch_size * (int(tokens.shape[1]) - 1) if steps else 0
         metrics = {
@@ -376,7 +376,7 @@ class ModelActor:
             "hidden_size": model.config.hidden_size,
             "n_parts": model.config.n_parts,
             "parameters": model.parameter_count(),
-            "structure_events": len(structure),
+            "structure_events": structure_events,
         }
         if probes:
             metrics["bpb"] = self.evaluate(probes, max_bytes=eval_bytes)
@@ -402,7 +402,8 @@ class ModelActor:
         vocab_hash = SomiVocab(_tokenizer(self.tokenizer_json)).hash
         caches = [(TargetCache(cache_root, t["key"], vocab_hash, k), float(t["weight"])) for t in teachers]
         started = time.time()
-        losses, stresses, distill_terms, covered, structure = [], [], [], [], []
+        losses, stresses, distill_terms, covered = [], [], [], []
+        structure_events = 0
         for step in range(steps):
             window_ids, tokens = ray.get(sampler.sample.remote(batch_size))
             batch = torch.tensor(tokens, dtype=torch.long, device=self.device)
@@ -430,7 +431,7 @@ class ModelActor:
                 self.wilson_drift.record(wilson_loops(model))
             # NOTE: the ungrown copy of a growth on trial learns from cross-entropy alone, without
             # the distillation term, so during distillation the trial compares unequal learners.
-            structure += self._organize(stats, batch)
+            structure_events += self._organize(stats, batch)
         model.eval()
         metrics = {
             "loss": float(np.mean(losses)) if losses else None,
@@ -441,7 +442,7 @@ class ModelActor:
             "stress": float(np.mean(stresses)) if stresses else None,
             "tokens": steps * batch_size * (int(tokens.shape[1]) - 1) if steps else 0,
             "seconds": time.time() - started,
-            "structure_events": len(structure),
+            "structure_events": structure_events,
         }
         return self._commit("learn", dict(details or {}, steps=steps, batch_size=batch_size, distill_teachers=teachers,
                                           distill_k=k), metrics)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from somi_ray.grow import StressTracker, recalibrate_structure, structure_summary
 from somi_ray.integrity import compare_loops, wilson_loops
 from somi_ray.model import SomiModel
-from somi_ray.physics.laplacian import int8_grid, project_constraints
+from somi_ray.physics.laplacian import project_constraints, snap_to_int8_grid
 
 logger = logging.getLogger(__name__)
 
@@ -339,12 +339,11 @@ def quantize_connectivity(model: SomiModel) -> float:
     """
     worst = 0.0
     for part in model.parts:
-        q, scale = int8_grid(part.W)
-        restored = q.to(part.W.dtype) * scale
+        restored, scale = snap_to_int8_grid(part.W)
         error = float((restored - part.W).norm() / part.W.norm().clamp_min(1e-12))
         worst = max(worst, error)
         part.W = restored
-        part.w_scale = scale.reshape(()).to(part.W.dtype).clone()
+        part.w_scale.fill_(scale)
         part.invalidate()
     return worst
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from somi_ray.config import SomiConfig
 from somi_ray.physics.field import field_decay, previous_field, temporal_field
-from somi_ray.physics.laplacian import int8_grid, project_constraints, random_graph
+from somi_ray.physics.laplacian import project_constraints, random_graph, snap_to_int8_grid
 from somi_ray.physics.settle import SettleOperator, response_matrix, settle
 from somi_ray.physics.stress import (
     connectivity_gradient,
@@ -436,9 +436,8 @@ class SomiModel(nn.Module):
                                   degree_floor=c.degree_floor)
             W = project_constraints(W, part.mask, c.degree_floor, c.degree_ceiling)
             if float(part.w_scale) > 0.0:
-                q, scale = int8_grid(W)
-                W = q.to(W.dtype) * scale
-                part.w_scale.fill_(float(scale))
+                W, scale = snap_to_int8_grid(W)
+                part.w_scale.fill_(scale)
             part.W.copy_(W)
             part.precision.copy_(precision_step(part.precision, c.kappa0 * grad_diag, lr=c.precision_lr,
                                                 low=c.precision_min, high=c.precision_max))

@@ -68,12 +68,18 @@ def random_graph(H: int, k: int, generator: torch.Generator | None = None) -> tu
 
 
 def int8_grid(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put W on an int8 grid: (q, scale) with q int8 in [0, 127] and W ~ q * scale.
+    """Return W on an int8 grid as (q, scale), with q int8 in [0, 127] and W ~ q * scale.
 
     One scale for the whole matrix keeps q symmetric, non-negative and zero wherever W is
-    zero (the diagonal and outside the mask). Each weight moves by at most scale / 2,
-    so a row sum can fall below the degree floor by that much per edge.
+    zero (the diagonal and outside the mask). Each weight moves by at most scale / 2, so a
+    row sum can fall below the degree floor by that much per edge.
     """
     scale = (W.max().clamp_min(1e-12) / 127.0).to(W.dtype)
     q = torch.round(W / scale).clamp(0, 127).to(torch.int8)
     return q, scale
+
+
+def snap_to_int8_grid(W: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Return W moved onto its int8 grid, in W's dtype, and the grid step."""
+    q, scale = int8_grid(W)
+    return q.to(W.dtype) * scale, float(scale)
