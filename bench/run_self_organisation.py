@@ -5,10 +5,10 @@
 Phase 1 starts from SomiConfig.from_scratch() (H=16, P=1) and streams the Shakespeare
 training works in order, batch after batch, with automatic growth and compression on.
 Phase 2 feeds one act repeated many times, text the model can memorise. Every growth is on
-trial beside an ungrown copy and undone unless it lowers held-out bits per byte, so growth
-stops when more capacity stops helping, and on the repeated act it does not help. Held-out
-bits per byte is measured on the start of the held-out works every --eval-every steps and
-around every structural event.
+trial beside an ungrown copy and is undone unless it lowers held-out bits per byte. So growth
+stops when more capacity stops helping, which on the repeated act it does not. Held-out bits
+per byte is measured on the start of the held-out works every --eval-every steps and around
+every structural event.
 
 The tokenizer is byte-level (V=256, one token per UTF-8 byte), chosen for speed; bits per
 byte is then nats per token / ln 2. The run writes a checkpoint with its lineage to --out and

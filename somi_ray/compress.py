@@ -332,7 +332,7 @@ def prune_weak_edges(model: SomiModel, fraction: float) -> int:
 
 @torch.no_grad()
 def quantize_connectivity(model: SomiModel) -> float:
-    """Put every Part's W on its int8 grid; return the largest relative Frobenius error.
+    """Put every Part's W on its int8 grid, and return the largest relative Frobenius error.
 
     From then on the local rule keeps W on the grid, and checkpoints store it as int8 with
     one float step per Part, a quarter of the float32 size.

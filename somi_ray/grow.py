@@ -49,10 +49,8 @@ def grow_hidden(model: SomiModel, new_hidden: int, generator: torch.Generator | 
     model.embedding.weight = nn.Parameter(_pad(model.embedding.weight.data, (V, new_hidden)))
     model.embedding.embedding_dim = new_hidden
     model.target_embedding = _pad(model.target_embedding, (V, new_hidden))
-    # New decoder columns are small random numbers, not zeros. The new features' fields are
-    # exactly zero, so the logits do not change. With zero columns on both sides the new
-    # features would sit at a saddle: no gradient reaches their embedding columns while their
-    # decoder columns are zero, and none reaches the decoder columns while their fields are.
+    # Random decoder columns leave the logits unchanged, because the new fields are zero. Zero
+    # columns on both sides would be a saddle that no gradient leaves.
     decoder = _pad(model.decoder.weight.data, (V, new_hidden))
     decoder[:, H:] = 0.02 * torch.randn(V, added, generator=generator).to(decoder)
     model.decoder.weight = nn.Parameter(decoder)
@@ -104,11 +102,11 @@ def _recalibrate_keeping_modes(model: SomiModel) -> None:
     """Recompute the cascade but keep the forward constants and the mode count K.
 
     The learning constants (rates, EMAs, sparsity of new edges, tract rank, intervals) follow
-    the new size at once. K stays, only capped below the new H: which modes are settled
-    exactly is part of the function, and the input couplings were learnt against the
+    the new size at once. K stays, capped below the new H, because which modes are settled
+    exactly is part of the function. The input couplings were also learnt against the
     responses of those modes. Re-deriving K at growth (4 -> 5 when H went 16 -> 24 on the
     Shakespeare stream) raised the grown model's stress 0.026 above an ungrown copy on the
-    same batches over 200 steps, while keeping K left the two level (difference -0.0005).
+    same batches over 200 steps. Keeping K left the two level (difference -0.0005).
     """
     config = model.config
     kept = {name: getattr(config, name) for name in FORWARD_CONSTANTS}
@@ -220,8 +218,8 @@ class GrowthPolicy:
     max_parts: int = 4  # P never grows beyond this
     max_systems: int = 6  # Systems never grow beyond this
     cooldown: int | None = None  # steps after any structural change before the next growth; None = patience
-    trial_windows: int = 2  # windows an ungrown copy learns beside a grown model before the growth is judged; 0 keeps every growth unjudged
-    min_gain: float = 0.002  # relative gain over the ungrown copy (held-out bits per byte, else training loss) a growth must show
+    trial_windows: int = 2  # stress windows of each growth trial (0 turns trials off)
+    min_gain: float = 0.002  # relative gain over the ungrown copy that keeps a growth
     seed: int = 0  # seed of the random mask edges of new features and new Parts
 
     def __post_init__(self) -> None:
@@ -439,7 +437,7 @@ class AutoGrow:
         self.saturated: dict[str, StressLevel] = {}  # growth kind -> stable stress where it stopped paying
         self.pending: tuple[str, StressLevel] | None = None  # kind of the last growth and the stress that triggered it
         self.plateau_seen = False  # whether the current structure already grew on a plateau
-        self.escalate: tuple[str, StressLevel] | None = None  # kind and stress of an undone growth; another kind is tried after the cooldown
+        self.escalate: tuple[str, StressLevel] | None = None  # kind and stress of an undone growth, if any
 
     def cooldown(self, tracker: StressTracker) -> int:
         return self.policy.cooldown if self.policy.cooldown is not None else int(tracker.patience)
@@ -498,12 +496,12 @@ class AutoGrow:
             logger.info("growth of kind %s paid: stress %.4f -> %.4f", kind, trigger.mean, level.mean)
 
     def judge_trial(self, kind: str, paid: bool, level: StressLevel, step: int) -> None:
-        """Record the outcome of a growth trial, which replaces judging the growth by its next stable stress.
+        """Record the outcome of a growth trial, in place of judging the growth by its next stable stress.
 
-        A growth that did not beat its ungrown copy was undone; its kind stopped paying at the
-        current stress. The trigger of the growth still holds, so after the cooldown the next
-        kind that has not stopped paying is tried. The restored structure does not otherwise
-        grow again on the same plateau.
+        A growth that did not beat its ungrown copy was undone, and its kind stopped paying at
+        the current stress. The trigger of the growth still holds, so after the cooldown the
+        next kind that has not stopped paying is tried. Otherwise the restored structure does
+        not grow again on the same plateau.
         """
         self.pending = None
         self.last_change_step = step
@@ -572,9 +570,8 @@ class AutoGrow:
         self.pending = (decision.kind, decision.trigger) if decision.trigger is not None else None
         self.last_change_step = step
         self.plateau_seen = False
-        # The grown structure's stress is on another scale: a new Part adds its own JEPA
-        # error to the mean, and new features change the norms. Measured against the old
-        # stress, that shift would read as a rise and call for the next growth at once.
+        # A new Part adds its own JEPA error to the mean stress, so against the old level the
+        # grown model would show a rise and call for the next growth at once.
         tracker.reset(comparable=False)
         after = structure_summary(model)
         logger.info("auto-grow %s at step %d: %s; H %d -> %d, P %d -> %d, parameters %d -> %d",

@@ -58,7 +58,7 @@ class Part(nn.Module):
         # the coupling's rule. It is all zero until the first local step.
         self.register_buffer("drive_moments", torch.zeros(H, H))  # (H, H)
         self.register_buffer("n_modes", torch.tensor(config.n_modes))  # K of this Part's eigen cache
-        # Step of W's int8 grid; 0 while W is kept in float. A Part on the grid stays on it
+        # Step of W's int8 grid, or 0 while W is kept in float. A Part on the grid stays on it
         # after every local step, and checkpoints store its W as int8.
         self.register_buffer("w_scale", torch.tensor(0.0))
         self.register_buffer("stress_ema", torch.tensor(float("nan")))  # running JEPA error
@@ -509,7 +509,7 @@ class SomiModel(nn.Module):
             part.invalidate()
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """State dict for storage on the CPU: W of a Part on its int8 grid is stored as int8."""
+        """Return the state dict on the CPU for storage, with the W of a Part on its int8 grid as int8."""
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         for index, part in enumerate(self.parts):
             scale = float(part.w_scale)
@@ -535,8 +535,8 @@ class SomiModel(nn.Module):
             if weight is not None and weight.dtype == torch.int8:
                 scale = state_dict[scale_key]
                 if float(scale) <= 0.0:
-                    raise ValueError(f"parts.{index}.W is stored as int8 but its grid step w_scale is {float(scale)}; "
-                                     "the checkpoint is damaged, restore it from a copy")
+                    raise ValueError(f"parts.{index}.W is stored as int8 but its grid step w_scale is {float(scale)}, "
+                                     "so the checkpoint is damaged. Restore it from a copy")
                 weight = weight.to(part.W.dtype) * scale.to(part.W.dtype)
                 state_dict[f"parts.{index}.W"] = weight
             for name in ("coupling", "drive_moments"):

@@ -11,9 +11,9 @@
 
 One StressTracker reads the stress of every step; AutoGrow and AutoCompress decide from it.
 Growth wins when both ask in the same step. A growth then stays on trial for `trial_windows`
-stress windows: an ungrown copy learns on the same batches, nothing else is decided, and the
-growth is undone unless the grown model comes out ahead. Every change and every verdict is
-returned as a lineage-ready event.
+stress windows. During the trial an ungrown copy learns on the same batches and nothing else
+is decided. The growth is undone unless the grown model comes out ahead. Every change and
+every verdict is returned as a lineage-ready event.
 """
 
 from __future__ import annotations
@@ -91,12 +91,12 @@ class SelfOrganizer:
         """Read one learning step's stress, grow or compress when the history calls for it; return the events.
 
         Each event is a dict with "kind" ("grow" or "compress"), "details" and "metrics", ready for
-        `Lineage.append(kind, details, metrics)`, and "changed", whether the model changed (the
-        version bump to record). A compression that was rolled back is returned
-        as a "compress" event with details["accepted"] False and metrics["rolled_back"] True; the
-        model is unchanged then, so the caller may record it without a version bump. The verdict
-        of a growth trial is a "grow" event with details["action"] "trial"; when the growth was
-        undone, metrics["rolled_back"] is True and the model is its ungrown copy again.
+        `Lineage.append(kind, details, metrics)`. Its "changed" says whether the model changed,
+        which is the version bump to record. A compression that was rolled back is a "compress"
+        event with details["accepted"] False and metrics["rolled_back"] True, and the model is
+        unchanged. The verdict of a growth trial is a "grow" event with details["action"]
+        "trial". When the growth was undone, metrics["rolled_back"] is True and the model is
+        its ungrown copy again.
         """
         self.tracker.configure(derived_patience(model.config, batch.numel()))
         self.tracker.push(stats.jepa_error, stats.stress_per_part)
@@ -137,7 +137,7 @@ class SelfOrganizer:
         return {"kind": "grow", "details": details, "metrics": metrics, "changed": True}
 
     def _continue_trial(self, model: SomiModel, stats: LearnStats, step: int, batch: torch.Tensor) -> list[dict]:
-        """Take the ungrown copy's step on the same batch; judge the growth once the trial is over.
+        """Take the ungrown copy's step on the same batch, and judge the growth once the trial is over.
 
         Both models learn from the same batches, so their difference measures the growth
         alone, not the data or the drift of stress while learning goes on. The growth stays
@@ -157,7 +157,7 @@ class SelfOrganizer:
         return [self._end_trial(model, trial, step)]
 
     def finish(self, model: SomiModel) -> list[dict]:
-        """End a growth trial that learning stopped in the middle of; return its verdict event, if any.
+        """End a growth trial that learning stopped in the middle of, and return its verdict event if any.
 
         A learner that stops for good calls this, because the organizer's history does not
         outlive it. The growth is judged on the steps it had. Without an evaluator and without
@@ -180,7 +180,7 @@ class SelfOrganizer:
                 float(np.mean(trial.ungrown_losses[half:])))
 
     def _end_trial(self, model: SomiModel, trial: GrowthTrial, step: int) -> dict:
-        """Keep or undo the growth on trial; return the verdict as a lineage-ready event."""
+        """Keep or undo the growth on trial, and return the verdict as a lineage-ready event."""
         before = structure_summary(model)
         measure, grown, ungrown = self._compare(model, trial)
 
@@ -189,14 +189,13 @@ class SelfOrganizer:
         verdict = "kept" if paid else "undone"
         reason = (f"after {trial.steps} steps beside an ungrown copy, {measure} {grown:.4f} against {ungrown:.4f} "
                   f"(gain {100 * gain:+.2f} %, needed {100 * self.grower.policy.min_gain:.2f} %): growth {verdict}")
-        # A kind that stopped paying is remembered at the stress of the structure that stays:
-        # the ungrown copy's when the growth is undone. A new Part shifts the mean stress,
-        # so the grown model's level would not compare with what follows.
+        # An undone kind is remembered at the ungrown copy's stress, the level of the structure
+        # that stays. A new Part shifts the mean stress, so the grown model's level would not fit.
         half = len(trial.grown_stress) // 2
         kept_stress = (trial.grown_stress if paid else trial.ungrown_stress)[half:]
         if kept_stress and len(self.tracker.values) >= 3:
             level = StressLevel(float(np.mean(kept_stress)), self.tracker.last().sd)
-        else:  # a trial that ended before it measured stress keeps the level that asked for it
+        else:  # a trial that ended before it measured stress keeps the level of its trigger
             level = trial.trigger or StressLevel(float("nan"), 0.0)
 
         if not paid:
@@ -205,9 +204,8 @@ class SelfOrganizer:
             self.tracker.reset()
             self.wilson.last.clear()
         elif trial.trigger is not None and self.tracker.baseline is None and kept_stress:
-            # The grown model's stress sits on its own level. Both models saw the same batches,
-            # so their difference moves the stress that asked for the growth onto the new
-            # level, and a rise that starts before the new structure has a baseline still counts.
+            # Both models saw the same batches, so their stress difference moves the trigger onto
+            # the grown model's level. A rise before the new structure has a baseline still counts.
             offset = float(np.mean(trial.grown_stress[half:]) - np.mean(trial.ungrown_stress[half:]))
             self.tracker.reference = StressLevel(trial.trigger.mean + offset, trial.trigger.sd)
         self.grower.judge_trial(trial.kind, paid, level, step)
@@ -235,8 +233,8 @@ class SelfOrganizer:
             self.tracker.reset()
             self.wilson.last.clear()
             if self.grower is not None:
-                # Stress falls back after a compression while the smaller model relearns;
-                # that recovery is not a plateau of learning, so it must not trigger growth.
+                # Stress falls back while the smaller model relearns. That recovery is not a
+                # learning plateau, so it must not trigger growth.
                 self.grower.plateau_seen = True
         metrics = {key: value for key, value in result.metrics.items() if key not in ("before", "after")}
         metrics.update(self._sizes(result.metrics["before"], result.metrics["after"]))

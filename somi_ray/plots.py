@@ -6,11 +6,11 @@ from pathlib import Path
 
 
 def lineage_series(lineage) -> dict:
-    """Per event: bits per byte per domain (where measured), hidden size, Part count and parameters.
+    """Return, per event, bits per byte per domain (where measured), hidden size, Parts and parameters.
 
-    Sizes come from `hidden_size`/`n_parts`/`parameters`, or from the `*_after` metrics of growth and
-    compression events. Bits per byte is a {domain: value} dict, or one number (domain
-    "held-out"), or a structural event's `bpb_after`.
+    Sizes come from `hidden_size`/`n_parts`/`parameters`, or from the `*_after` metrics of
+    growth and compression events. Bits per byte is a {domain: value} dict, one number (domain
+    "held-out") or a structural event's `bpb_after`.
     """
     series = {"event": [], "kind": [], "hidden_size": [], "n_parts": [], "parameters": [], "bpb": {}}
     hidden, parts, parameters = None, None, None

@@ -71,7 +71,7 @@ def test_growth_keeps_forward_constants():
     grow_hidden(model, 64)
     assert model.config.field_tau == tau
     assert model.config.tract_rank == 8  # learning constants follow the new size
-    assert model.config.n_modes == 4  # the mode count stays: it is part of the function
+    assert model.config.n_modes == 4  # the mode count stays, because it is part of the function
 
 
 # ------------------------------------------------------------------ synthetic stress sequences
@@ -174,7 +174,7 @@ def test_real_text_run_grows_on_stress_rise():
             organizer.optimizer_stale = False
 
     assert np.mean(stresses[-30:]) > np.mean(stresses[70:100])  # random bytes are harder
-    # Trial verdicts are "grow" events too; a growth itself has the kind it grew as its action.
+    # Trial verdicts are "grow" events too. A growth itself has its kind as its action.
     growths = [event for event in events if event["kind"] == "grow" and event["details"]["action"] != "trial"]
     assert any(event["details"]["step"] >= 100 for event in growths)
     for event in growths:

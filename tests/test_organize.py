@@ -121,7 +121,7 @@ def test_growth_trial_keeps_or_undoes(min_gain):
     growth, verdict = events
     assert verdict["details"]["step"] - growth["details"]["step"] == 2 * 5
     assert "training loss" in verdict["details"]["reason"]
-    if min_gain > 0:  # no growth can gain 100 %: the ungrown copy replaces the model
+    if min_gain > 0:  # no growth can gain 100 %, so the ungrown copy replaces the model
         assert verdict["details"]["accepted"] is False
         assert verdict["metrics"]["rolled_back"] is True
         assert model.config.hidden_size == 16
